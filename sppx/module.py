@@ -1,0 +1,113 @@
+"""The LightningModule that tunes an adapted (pruned) model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import SumMetric
+from transformers import get_scheduler
+
+from sppx.errors import is_number, require
+from sppx.evaluate import next_token_nll
+from sppx.teachers import NoTeacher
+
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+
+
+@dataclass
+class TuneConfig:
+    """Optimisation settings (AdamW + warmup) for recovery tuning."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.001
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        require(is_number(self.lr) and 0 < self.lr < 1, "tune.lr", self.lr, "must be a number in (0, 1)")
+        require(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            "tune.weight_decay",
+            self.weight_decay,
+            "must be a number >= 0",
+        )
+        require(
+            is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+            "tune.warmup_ratio",
+            self.warmup_ratio,
+            "must be a number in [0, 1)",
+        )
+        require(
+            self.schedule in SCHEDULES, "tune.schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}"
+        )
+        require(
+            isinstance(self.gradient_checkpointing, bool),
+            "tune.gradient_checkpointing",
+            self.gradient_checkpointing,
+            "must be true or false",
+        )
+
+
+class TuneModule(pl.LightningModule):
+    """Trains only the parameters left with ``requires_grad`` (the adapter's); logs train/loss,
+    train/lr and val/ppl (validation windows, the evaluation protocol's arithmetic)."""
+
+    def __init__(self, model: torch.nn.Module, tune: TuneConfig, teacher=None):
+        super().__init__()
+        self.model = model
+        self.tune = tune
+        self.teacher = teacher or NoTeacher()
+        self.val_nll = SumMetric()
+        self.val_tokens = SumMetric()
+        if tune.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        nll, count = next_token_nll(logits, input_ids)
+        lm_loss = nll / count
+        loss, extra = self.teacher.loss(self.model, input_ids, logits, lm_loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lm_loss", lm_loss)
+        for key, value in extra.items():
+            self.log(f"train/{key}", value)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        nll, count = next_token_nll(logits, input_ids)
+        self.val_nll.update(nll.double())
+        self.val_tokens.update(torch.tensor(count, dtype=torch.float64))
+
+    def on_validation_epoch_end(self):
+        mean_nll = self.val_nll.compute() / self.val_tokens.compute()
+        self.log("val/loss", mean_nll.float())
+        self.log("val/ppl", torch.exp(mean_nll).float(), prog_bar=True)
+        self.val_nll.reset()
+        self.val_tokens.reset()
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to tune: the adapter has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=self.tune.lr, weight_decay=self.tune.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(
+            self.tune.schedule,
+            optimizer,
+            num_warmup_steps=math.ceil(self.tune.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,347 @@
+"""One run: load -> eval dense -> prune -> eval pruned -> tune -> merge -> eval final -> export.
+
+``plan(cfg)`` builds and checks everything the config selects without touching weights, so bad input
+fails in seconds with one line; ``execute(plan)`` does the work and returns the results dict that is
+also written to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from transformers import AutoModelForCausalLM
+
+from sppx.adapters.base import Adapter
+from sppx.data import (
+    Corpus,
+    TokenizedCorpus,
+    TuneDataModule,
+    calibration_windows,
+    consecutive_windows,
+    write_json_atomic,
+)
+from sppx.errors import ConfigError, require, require_fraction, require_positive_int
+from sppx.evaluate import EvalConfig, perplexity
+from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
+from sppx.models import default_cache_dir
+from sppx.module import TuneConfig, TuneModule
+from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
+from sppx.pruning.sequential import prunable_linears
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+GROUPS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "trainer", "logger")
+
+
+# --------------------------------------------------------------------------- plan: all checks, no weights
+def build(node: DictConfig, group: str, **kwargs):
+    """Instantiate a config group's ``_target_``; any error becomes one ConfigError line under ``group``."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.under(group) from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            key = str(cause).rsplit("'", 2)[-2]
+            raise ConfigError(
+                f"{group}.{key}", OmegaConf.select(node, key), "is not a key of this group"
+            ) from None
+        raise ConfigError(
+            group, OmegaConf.select(node, "_target_"), f"could not be built: {cause or err}"
+        ) from None
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{group}.{err.key}", "???", "is required: set it on the command line") from None
+
+
+def check_signature(node: DictConfig, group: str) -> None:
+    """Bind a group's keys to its ``_target_``'s signature without building it (unknown keys fail here)."""
+    target = get_class(node._target_)
+    kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    try:
+        inspect.signature(target).bind_partial(**kwargs)
+    except TypeError as err:
+        raise ConfigError(group, sorted(kwargs), f"do not fit {node._target_}: {err}") from None
+
+
+@dataclass
+class Plan:
+    model: object  # a source from sppx.models: .name, .model_config(), .load()
+    corpus: Corpus
+    pruner: Pruner
+    pattern: SparsityPattern
+    adapter: Adapter
+    teacher: object
+    tune: TuneConfig
+    eval: EvalConfig
+    sparsity: float  # the requested fraction; the pattern decides what is pruned (pattern.target)
+    seed: int
+    export: bool
+    output_dir: Path
+    cache_dir: Path
+    cfg: DictConfig
+
+    @property
+    def target_sparsity(self) -> float:
+        return 0.0 if isinstance(self.pruner, NoPruner) else self.pattern.target(self.sparsity)
+
+    @property
+    def tunes(self) -> bool:
+        return self.adapter.name != "none" and self.cfg.trainer.get("max_steps", -1) != 0
+
+
+def linear_shapes(model_config, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of the targeted Linears, from a weightless (meta-device) model."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    return {name: tuple(lin.weight.shape) for name, lin in prunable_linears(skeleton, targets).items()}
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Resolve and check the whole config (and the model's shapes) before any weights are read."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError("config", "", str(err).splitlines()[0]) from None
+    sparsity = require_fraction("sparsity", cfg.get("sparsity"))
+    seed = require_positive_int("seed", cfg.get("seed"), minimum=0)
+    require(isinstance(cfg.get("export"), bool), "export", cfg.get("export"), "must be true or false")
+    for key in (*GROUPS, "tune", "eval"):
+        allowed = (
+            f"must select an option of conf/{key}/" if key in GROUPS else "must be a mapping with a _target_"
+        )
+        require(isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key], key, cfg.get(key), allowed)
+    for group in ("trainer", "logger"):
+        check_signature(cfg[group], group)
+
+    p = Plan(
+        model=build(cfg.model, "model"),
+        corpus=build(cfg.data, "data"),
+        pruner=build(cfg.pruner, "pruner"),
+        pattern=build(cfg.pattern, "pattern"),
+        adapter=build(cfg.adapter, "adapter"),
+        teacher=build(cfg.teacher, "teacher"),
+        tune=build(cfg.tune, "tune"),
+        eval=build(cfg.eval, "eval"),
+        sparsity=sparsity,
+        seed=seed,
+        export=cfg.export,
+        output_dir=Path(cfg.paths.output_dir),
+        cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else default_cache_dir(),
+        cfg=cfg,
+    )
+    if (
+        p.pattern.is_nm
+        and not isinstance(p.pruner, NoPruner)
+        and abs(sparsity - p.pattern.target(sparsity)) > 1e-9
+    ):
+        log.warning(
+            "pattern %s prunes %.3f of the weights; sparsity=%s is ignored",
+            p.pattern.label,
+            p.pattern.target(sparsity),
+            sparsity,
+        )
+    p.corpus.check()
+
+    model_config = p.model.model_config()
+    context = getattr(model_config, "max_position_embeddings", None)
+    for key, value in (("data.seqlen", p.corpus.seqlen), ("eval.seqlen", p.eval.seqlen)):
+        if context is not None:
+            require(value <= context, key, value, f"must be <= the model's context length {context}")
+    if not isinstance(p.pruner, NoPruner):
+        shapes = linear_shapes(model_config, p.pruner.targets)
+        require(len(shapes) > 0, "pruner.targets", p.pruner.targets, "match no Linear of the model")
+        for name, (_, in_features) in shapes.items():
+            p.pattern.check_width(in_features, name)
+    if p.tunes:
+        p.adapter.check_shapes(linear_shapes(model_config, p.adapter.targets))
+    return p
+
+
+# --------------------------------------------------------------------------- execute
+class Stopwatch:
+    """Wall time per stage; a stage entered twice accumulates."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _quiet_lightning() -> None:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*val_check_interval.*")
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def execute(p: Plan, progress: bool = True) -> dict:
+    cfg, watch = p.cfg, Stopwatch()
+    start = time.perf_counter()
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(p.seed, verbose=False)
+    _quiet_lightning()
+    logger = build(cfg.logger, "logger")
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    with watch("load"):
+        model, tokenizer = p.model.load()
+        tokens = TokenizedCorpus.build(p.corpus, tokenizer, p.cache_dir)
+    log.info("Loaded %s; corpus %s tokens per part: %s", p.model.name, p.corpus.name, tokens.sizes())
+    eval_windows = consecutive_windows(tokens.streams["evaluation"], p.eval.seqlen, p.eval.max_windows)
+    require(
+        eval_windows.shape[0] > 0,
+        "eval.seqlen",
+        p.eval.seqlen,
+        f"must be shorter than the evaluation text ({tokens.sizes()['evaluation']} tokens)",
+    )
+
+    def measure(desc: str) -> dict:
+        with watch("eval"):
+            return perplexity(model, eval_windows, p.eval.batch_size, desc=f"ppl ({desc})", progress=progress)
+
+    ppl: dict[str, dict | None] = {"dense": measure("dense") if p.eval.dense else None}
+
+    # Prune.
+    masks: dict[str, torch.Tensor] = {}
+    if not isinstance(p.pruner, NoPruner):
+        calib = None
+        if p.pruner.needs_calibration:
+            calib = calibration_windows(
+                tokens.streams["calibration"], p.corpus.nsamples, p.corpus.seqlen, p.seed
+            )
+        with watch("prune"):
+            masks = prune_model(model, p.pruner, p.target_sparsity, p.pattern, calib, progress=progress)
+    pruned_changed = bool(masks)
+    if p.eval.pruned:
+        ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
+    else:
+        ppl["pruned"] = None
+
+    # Tune (only adapter parameters train), then merge and verify.
+    trainable = 0
+    if p.tunes:
+        p.adapter.apply(model)
+        trainable = parameter_counts(model)["trainable"]
+        with watch("tune"):
+            _tune(p, model, tokens, logger)
+        p.adapter.save(model, p.output_dir / "adapter")
+        with watch("merge"):
+            p.adapter.merge(model)
+    with watch("merge"):
+        zeros_checked = verify_model_zeros(model, masks)
+    model.requires_grad_(False)
+    ppl["final"] = measure("final") if p.tunes or ppl["pruned"] is None else ppl["pruned"]
+
+    # Export and re-check the invariant on the files written.
+    model_dir = None
+    if p.export:
+        with watch("export"):
+            model_dir = save_model(model, tokenizer, p.output_dir / "model")
+            verify_saved_zeros(model_dir, masks)
+
+    targets = p.pruner.targets
+    report = sparsity_report(model, targets)
+    counts = parameter_counts(model)
+    watch.times["total"] = time.perf_counter() - start
+    results = {
+        "status": "complete",
+        "ppl": {
+            "dense": _ppl(ppl["dense"]),
+            "pruned": _ppl(ppl["pruned"]),
+            "final": _ppl(ppl["final"]),
+            "seqlen": int(eval_windows.shape[1]),
+            "windows": int(eval_windows.shape[0]),
+        },
+        "sparsity": {
+            "target": p.target_sparsity,
+            "measured": report["measured"],
+            "pattern": p.pattern.label,
+            "requested": p.sparsity,
+            "zeros_verified": zeros_checked,
+            "per_type": report["per_type"],
+            "per_module": report["per_module"],
+        },
+        "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
+        "time_s": {
+            k: round(watch.times.get(k, 0.0), 3)
+            for k in ("load", "prune", "tune", "merge", "eval", "export", "total")
+        },
+        "choices": {
+            "model": p.model.name,
+            "data": p.corpus.name,
+            "pruner": p.pruner.name,
+            "pattern": p.pattern.label,
+            "adapter": p.adapter.name,
+            "teacher": p.teacher.name,
+        },
+        "data": {
+            "tokens": tokens.sizes(),
+            "calibration_windows": p.corpus.nsamples if masks and p.pruner.needs_calibration else 0,
+        },
+        "model_dir": str(model_dir) if model_dir else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    final_metrics = {
+        "test/ppl": results["ppl"]["final"],
+        "test/ppl_dense": results["ppl"]["dense"],
+        "test/ppl_pruned": results["ppl"]["pruned"],
+        "prune/sparsity": report["measured"],
+        "prune/time_s": results["time_s"]["prune"],
+        "model/params_nonzero": counts["nonzero"],
+        "model/params_trainable": trainable,
+    }
+    logger.log_metrics({k: v for k, v in final_metrics.items() if v is not None})
+    logger.save()
+    logger.finalize("success")
+    write_json_atomic(p.output_dir / RESULTS_FILE, results)
+    return results
+
+
+def _ppl(entry: dict | None) -> float | None:
+    return None if entry is None else entry["ppl"]
+
+
+def _tune(p: Plan, model, tokens: TokenizedCorpus, logger) -> None:
+    seqlen = p.corpus.seqlen
+    train = consecutive_windows(tokens.streams["tuning"], seqlen)
+    val = consecutive_windows(tokens.streams["validation"], seqlen, p.corpus.val_windows)
+    require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
+    datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
+    module = TuneModule(model, p.tune, p.teacher)
+    callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
+    if p.cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in callbacks
+    ):
+        callbacks.append(TQDMProgressBar())  # one style of bar for every stage
+    trainer = instantiate(
+        p.cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(p.output_dir)
+    )
+    model.train()
+    trainer.fit(module, datamodule=datamodule)
+    model.eval()
+
+
+def run(cfg: DictConfig, progress: bool = True) -> dict:
+    """Plan (all checks) then execute; returns the results written to ``results.json``."""
+    return execute(plan(cfg), progress=progress)

@@ -1,0 +1,19 @@
+"""One-shot pruning: mask selection (masks), the calibration engine (sequential), and the pruners."""
+
+from sppx.pruning.base import PROJECTIONS, NoPruner, Pruner
+from sppx.pruning.magnitude import MagnitudePruner
+from sppx.pruning.masks import SparsityPattern
+from sppx.pruning.sequential import measure_sparsity, prunable_linears, prune_model
+from sppx.pruning.wanda import WandaPruner
+
+__all__ = [
+    "PROJECTIONS",
+    "MagnitudePruner",
+    "NoPruner",
+    "Pruner",
+    "SparsityPattern",
+    "WandaPruner",
+    "measure_sparsity",
+    "prunable_linears",
+    "prune_model",
+]

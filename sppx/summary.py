@@ -1,0 +1,43 @@
+"""The human summary printed at the end of a run."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(results: dict) -> Table:
+    ch, ppl, sp, t = results["choices"], results["ppl"], results["sparsity"], results["time_s"]
+    params = results["params"]
+    table = Table(
+        title=escape(
+            f"sppx: {ch['model']} | {ch['pruner']} {sp['pattern']} | adapter {ch['adapter']} | "
+            f"teacher {ch['teacher']} | data {ch['data']}"
+        )
+    )
+    table.add_column("model")
+    table.add_column(f"ppl (seqlen {ppl['seqlen']}, {ppl['windows']} windows)", justify="right")
+    table.add_column("stage time (s)", justify="right")
+    table.add_row("dense", _fmt(ppl["dense"]), "load " + _fmt(t["load"], ".1f"))
+    table.add_row("pruned", _fmt(ppl["pruned"]), "prune " + _fmt(t["prune"], ".1f"))
+    table.add_row("final", _fmt(ppl["final"]), "tune+merge " + _fmt(t["tune"] + t["merge"], ".1f"))
+    table.caption = (
+        f"sparsity target {sp['target']:.3f}, measured {sp['measured']:.4f} | "
+        f"{params['nonzero']:,} of {params['total']:,} params nonzero, {params['trainable']:,} trained | "
+        f"eval {t['eval']:.1f}s, total {t['total']:.1f}s"
+    )
+    return table
+
+
+def print_summary(results: dict, output_dir) -> None:
+    console = Console()
+    console.print(summary_table(results))
+    where = f"results: {output_dir}/results.json"
+    if results["model_dir"]:
+        where += f" | model: {results['model_dir']}"
+    console.print(where, markup=False, soft_wrap=True)

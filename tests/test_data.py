@@ -1,0 +1,95 @@
+"""Corpus cleaning, the deterministic split, and the token windows."""
+
+import torch
+
+from sppx.data import (
+    PARTS,
+    TextFiles,
+    calibration_windows,
+    consecutive_windows,
+    encode_documents,
+    split_documents,
+)
+from sppx.models import byte_tokenizer
+from sppx.wikitext import clean_wikitext
+
+MARKUP = """{{Infobox river|name=Test|length={{convert|12|km}}}}
+'''The Test''' is a [[river]] in [[England|southern England]].<ref>{{cite web|url=x}}</ref> It flows
+through [[Kent]] and is {{lang|fr|une rivière}} known for its [http://example.org mills] and trout.
+[[File:Test river.jpg|thumb|The [[Test]] at [[Romsey]]]]
+{| class="wikitable"
+! a !! b
+|-
+| 1 || 2
+|}
+== History ==
+The river was used for milling since the [[Middle Ages]] and for water meadows later on.
+<!-- hidden comment -->
+== References ==
+* Some book, 1990, about rivers and more rivers.
+[[Category:Rivers of Hampshire]]
+"""
+
+
+def test_clean_wikitext_keeps_prose_and_drops_markup():
+    text = clean_wikitext(MARKUP)
+    assert text.startswith(
+        "The Test is a river in southern England. It flows through Kent and is known for its mills"
+    )
+    assert "The river was used for milling since the Middle Ages" in text
+    for junk in (
+        "[[",
+        "]]",
+        "{{",
+        "}}",
+        "<ref",
+        "wikitable",
+        "Category",
+        "Some book",
+        "hidden",
+        "'''",
+        "thumb",
+        "==",
+    ):
+        assert junk not in text
+
+
+def test_split_is_disjoint_deterministic_and_complete():
+    docs = [(f"doc{i}", f"text of document {i} " * (5 + i % 7)) for i in range(60)]
+    fractions = {"calibration": 0.1, "validation": 0.05, "evaluation": 0.15}
+    parts = split_documents(docs, fractions)
+    assert parts == split_documents(list(reversed(docs)), fractions)  # order of input does not matter
+    flat = [d for p in PARTS for d in parts[p]]
+    assert sorted(flat) == sorted(t for _, t in docs) and len(set(flat)) == len(flat)
+    total = sum(len(t) for _, t in docs)
+    for part, frac in fractions.items():
+        assert parts[part] and abs(sum(map(len, parts[part])) / total - frac) < 0.03
+
+
+def test_text_files_split_is_cached(tmp_path, text_file):
+    corpus = TextFiles(paths=[str(text_file)])
+    parts = corpus.parts(tmp_path / "cache")
+    cached = list((tmp_path / "cache" / "data").glob("text-*.json"))
+    assert len(cached) == 1
+    assert corpus.parts(tmp_path / "cache") == parts
+    assert all(parts[p] for p in PARTS)
+
+
+def test_windows_and_calibration_sampler():
+    stream = torch.arange(103)
+    windows = consecutive_windows(stream, 10)
+    assert windows.shape == (10, 10) and torch.equal(windows.flatten(), torch.arange(100))
+    assert consecutive_windows(stream, 10, limit=3).shape == (3, 10)
+    a = calibration_windows(stream, 5, 20, seed=3)
+    assert torch.equal(a, calibration_windows(stream, 5, 20, seed=3))
+    assert not torch.equal(a, calibration_windows(stream, 5, 20, seed=4))
+    assert all(torch.equal(w, torch.arange(w[0], w[0] + 20)) for w in a)
+
+
+def test_documents_are_joined_by_end_of_text():
+    tok = byte_tokenizer()
+    ids = encode_documents(tok, ["ab", "c"])
+    assert ids.tolist() == tok("ab")["input_ids"] + [tok.eos_token_id] + tok("c")["input_ids"] + [
+        tok.eos_token_id
+    ]
+    assert tok.decode(tok("héllo wörld")["input_ids"]) == "héllo wörld"

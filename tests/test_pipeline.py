@@ -1,0 +1,128 @@
+"""End to end on the tiny model: results.json, the export, and sweeps from the command line."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sppx.data import TextFiles, consecutive_windows, encode_documents
+from sppx.evaluate import perplexity
+from sppx.pipeline import run
+from tests.conftest import compose_config, tiny_run_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_full_run_writes_complete_results_and_a_reloadable_model(tmp_path, text_file):
+    cfg = compose_config(tiny_run_overrides(text_file), tmp_path / "run")
+    results = run(cfg, progress=False)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["ppl"] == results["ppl"]
+
+    assert set(on_disk) >= {"ppl", "sparsity", "params", "time_s", "choices", "config"}
+    assert set(on_disk["ppl"]) >= {"dense", "pruned", "final", "seqlen", "windows"}
+    assert set(on_disk["sparsity"]) >= {"target", "measured", "pattern"}
+    assert set(on_disk["params"]) >= {"total", "nonzero", "trainable"}
+    assert set(on_disk["time_s"]) >= {"load", "prune", "tune", "merge", "eval", "total"}
+    assert on_disk["choices"] == {
+        "model": "tiny-llama",
+        "data": "text",
+        "pruner": "wanda",
+        "pattern": "unstructured",
+        "adapter": "spp",
+        "teacher": "none",
+    }
+    assert on_disk["config"]["sparsity"] == 0.5 and on_disk["config"]["model"]["hidden_size"] == 64
+    assert all(
+        isinstance(on_disk["ppl"][k], float) and math.isfinite(on_disk["ppl"][k])
+        for k in ("dense", "pruned", "final")
+    )
+    assert on_disk["ppl"]["seqlen"] == 32 and on_disk["ppl"]["windows"] >= 1
+    # 2 blocks x 7 Linears, each exactly half zeros (Wanda: floor(in * 0.5) per row).
+    assert on_disk["sparsity"]["measured"] == 0.5 and len(on_disk["sparsity"]["per_module"]) == 14
+    assert (
+        on_disk["params"]["trainable"]
+        == sum(
+            16 * i + o for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+        )
+        * 2
+    )
+    assert on_disk["ppl"]["final"] != on_disk["ppl"]["pruned"]  # tuning changed the model
+
+    # The export loads with plain transformers and reproduces the final perplexity and the zeros.
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "model.safetensors").is_file() and not list((tmp_path / "run").glob(".model.tmp-*"))
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    parts = TextFiles(paths=[str(text_file)]).parts(tmp_path / "run" / "cache")
+    windows = consecutive_windows(encode_documents(tokenizer, parts["evaluation"]), 32, 8)
+    assert perplexity(reloaded, windows, progress=False)["ppl"] == pytest.approx(
+        on_disk["ppl"]["final"], rel=1e-5
+    )
+    for name in on_disk["sparsity"]["per_module"]:
+        w = reloaded.get_submodule(name).weight
+        assert int((w == 0).sum()) == w.numel() // 2
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "csv" / "metrics.csv").read_text().count("train/loss") == 1
+
+
+def test_pruner_none_and_adapter_none_reuse_measurements(tmp_path, text_file):
+    cfg = compose_config(
+        tiny_run_overrides(text_file, pruner="none", adapter="none", export="false"), tmp_path
+    )
+    results = run(cfg, progress=False)
+    assert results["ppl"]["dense"] == results["ppl"]["pruned"] == results["ppl"]["final"]
+    assert results["sparsity"]["target"] == 0.0 and results["sparsity"]["measured"] < 0.01
+    assert results["params"]["trainable"] == 0 and not (tmp_path / "model").exists()
+
+
+def test_nm_run_keeps_the_pattern_after_merge(tmp_path, text_file):
+    cfg = compose_config(tiny_run_overrides(text_file, pattern="2:4", pruner="magnitude"), tmp_path)
+    results = run(cfg, progress=False)
+    assert results["sparsity"]["pattern"] == "2:4" and results["sparsity"]["target"] == 0.5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for name in results["sparsity"]["per_module"]:
+        w = reloaded.get_submodule(name).weight
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all()
+
+
+def test_tuning_lowers_perplexity_on_learnable_text(tmp_path, text_file):
+    overrides = tiny_run_overrides(text_file, **{"trainer.max_steps": 40, "tune.lr": 2e-2, "sparsity": 0.75})
+    results = run(compose_config(overrides, tmp_path), progress=False)
+    assert results["ppl"]["final"] < results["ppl"]["pruned"]
+
+
+def test_multirun_from_the_command_line(tmp_path, text_file):
+    overrides = tiny_run_overrides(text_file)
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "pruner=magnitude,wanda",
+        "sparsity=0.5,0.6",
+        *overrides,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = sorted((tmp_path / "sweep").rglob("results.json"))
+    assert len(found) == 4
+    seen = {
+        (json.loads(p.read_text())["choices"]["pruner"], json.loads(p.read_text())["sparsity"]["target"])
+        for p in found
+    }
+    assert seen == {("magnitude", 0.5), ("magnitude", 0.6), ("wanda", 0.5), ("wanda", 0.6)}
+    assert all("pruner=" in p.parent.name and "sparsity=" in p.parent.name for p in found)
+
+
+def test_run_is_deterministic(tmp_path, text_file):
+    a = run(compose_config(tiny_run_overrides(text_file, export="false"), tmp_path / "a"), progress=False)
+    b = run(compose_config(tiny_run_overrides(text_file, export="false"), tmp_path / "b"), progress=False)
+    assert a["ppl"] == b["ppl"] and a["sparsity"]["per_module"] == b["sparsity"]["per_module"]
+    assert a["params"] == b["params"]
