@@ -36,9 +36,9 @@ class Corpus:
 
     name: str = "corpus"
     seqlen: int = 256  # tokens per calibration / tuning window
-    nsamples: int = 64  # calibration windows
+    nsamples: int = 32  # calibration windows
     batch_size: int = 4  # tuning batch
-    val_windows: int = 16  # validation windows used for val/ppl (null: all)
+    val_windows: int = 8  # validation windows used for val/ppl (null: all)
     split: dict = field(default_factory=lambda: {"calibration": 0.1, "validation": 0.05, "evaluation": 0.15})
 
     def __post_init__(self):

@@ -63,7 +63,7 @@ class EvalConfig:
     """The ``eval`` group: which models to measure and how much of the evaluation text to use."""
 
     seqlen: int = 256
-    max_windows: int | None = 64  # null: every window of the evaluation part
+    max_windows: int | None = 32  # null: every window of the evaluation part
     batch_size: int = 4
     dense: bool = True  # also measure the model before pruning
     pruned: bool = True  # also measure the model right after pruning

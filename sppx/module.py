@@ -21,7 +21,7 @@ SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 class TuneConfig:
     """Optimisation settings (AdamW + warmup) for recovery tuning."""
 
-    lr: float = 2e-3
+    lr: float = 1e-2
     weight_decay: float = 0.001
     warmup_ratio: float = 0.03
     schedule: str = "linear"

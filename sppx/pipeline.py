@@ -18,7 +18,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
@@ -70,7 +70,7 @@ def build(node: DictConfig, group: str, **kwargs):
 
 def check_signature(node: DictConfig, group: str) -> None:
     """Bind a group's keys to its ``_target_``'s signature without building it (unknown keys fail here)."""
-    target = get_class(node._target_)
+    target = get_object(node._target_)
     kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
     try:
         inspect.signature(target).bind_partial(**kwargs)
@@ -190,7 +190,7 @@ class Stopwatch:
 
 def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*val_check_interval.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # raised inside Lightning itself
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -126,3 +126,13 @@ def test_run_is_deterministic(tmp_path, text_file):
     b = run(compose_config(tiny_run_overrides(text_file, export="false"), tmp_path / "b"), progress=False)
     assert a["ppl"] == b["ppl"] and a["sparsity"]["per_module"] == b["sparsity"]["per_module"]
     assert a["params"] == b["params"]
+
+
+def test_wandb_logger_runs_offline(tmp_path, text_file, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = tiny_run_overrides(text_file, logger="wandb", export="false", **{"trainer.max_steps": 2})
+    run(compose_config(overrides, tmp_path), progress=False)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
