@@ -78,7 +78,16 @@ class Corpus:
         path = Path(cache_dir) / "data" / f"{self.name}-{key}.json" if cache_dir else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())
-        parts = split_documents(self.documents(), self.split)
+        docs = self.documents()
+        parts = split_documents(docs, self.split)
+        empty = [part for part in PARTS if not parts[part]]
+        if empty:
+            raise ConfigError(
+                "data",
+                self.name,
+                f"has {len(docs)} documents: too few to give every part one "
+                f"(empty: {', '.join(empty)}); give more text (documents are blank-line-separated blocks)",
+            )
         if path is not None:
             write_json_atomic(path, parts)
         return parts

@@ -85,3 +85,13 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, text_file):
 def test_plan_accepts_the_defaults_of_every_group(tmp_path, text_file):
     p = plan(compose_config(tiny_run_overrides(text_file), tmp_path))
     assert p.target_sparsity == 0.5 and p.tunes and p.pattern.label == "unstructured"
+
+
+def test_too_little_text_names_the_empty_parts(tmp_path, monkeypatch):
+    short = tmp_path / "short.txt"
+    short.write_text("one single paragraph of text that cannot be split four ways")
+    cfg = compose_config(tiny_run_overrides(short), tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"^data='text': has 1 documents: too few .*empty: calibration, validation, evaluation\)"
+    ):
+        run(cfg, progress=False)

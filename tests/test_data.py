@@ -93,3 +93,17 @@ def test_documents_are_joined_by_end_of_text():
         tok.eos_token_id
     ]
     assert tok.decode(tok("héllo wörld")["input_ids"]) == "héllo wörld"
+
+
+def test_hub_dataset_source_reads_a_local_json_builder(tmp_path):
+    from sppx.data import HubDataset
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(f'{{"text": "document number {i} talks about rivers", "id": {i}}}\n' for i in range(40))
+    )
+    corpus = HubDataset(path="json", data_files=str(rows), max_documents=30)
+    docs = corpus.documents()
+    assert len(docs) == 30 and docs[3][1] == "document number 3 talks about rivers"
+    parts = corpus.parts(tmp_path / "cache")
+    assert sum(len(v) for v in parts.values()) == 30

@@ -142,3 +142,25 @@ def test_saved_adapter_rebuilds_the_same_merge(tiny, tmp_path):
     rebuilt.merge(reference)
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    from sppx.module import TuneConfig, TuneModule
+
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = _pruned_tiny((copy.deepcopy(tiny[0]), tiny[1]))
+        SPPAdapter(rows=16, dropout=0.0).apply(model)
+        for mod in model.modules():
+            if isinstance(mod, SPPLinear):
+                trained_factors(mod)
+        module = TuneModule(model, TuneConfig(gradient_checkpointing=checkpointing))
+        model.train()
+        ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+        logits = model(input_ids=ids).logits
+        nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 257), ids[:, 1:].reshape(-1)).backward()
+        assert model.is_gradient_checkpointing == checkpointing and module.trainable_parameters()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
