@@ -159,7 +159,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
         logits = model(input_ids=ids).logits
         nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 257), ids[:, 1:].reshape(-1)).backward()
-        assert model.is_gradient_checkpointing == checkpointing and module.trainable_parameters()
+        active = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        assert active == checkpointing and module.trainable_parameters()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
