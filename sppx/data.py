@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -319,6 +319,3 @@ class TuneDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.val_windows), batch_size=self.batch_size)
 
-
-def describe(corpus: Corpus) -> dict:
-    return {k: v for k, v in asdict(corpus).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from sppx.data import (
     consecutive_windows,
     write_json_atomic,
 )
-from sppx.errors import ConfigError, require, require_fraction, require_positive_int
+from sppx.errors import ConfigError, is_int, require, require_fraction, require_positive_int
 from sppx.evaluate import EvalConfig, perplexity
 from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
 from sppx.models import default_cache_dir
@@ -48,6 +49,11 @@ GROUPS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "trainer",
 
 
 # --------------------------------------------------------------------------- plan: all checks, no weights
+def _unexpected_keyword(err: BaseException) -> str | None:
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    return match.group(1) if isinstance(err, TypeError) and match else None
+
+
 def build(node: DictConfig, group: str, **kwargs):
     """Instantiate a config group's ``_target_``; any error becomes one ConfigError line under ``group``."""
     try:
@@ -56,13 +62,16 @@ def build(node: DictConfig, group: str, **kwargs):
         cause = err.__cause__
         if isinstance(cause, ConfigError):
             raise cause.under(group) from None
-        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
-            key = str(cause).rsplit("'", 2)[-2]
+        key = _unexpected_keyword(cause)
+        if key is not None:
             raise ConfigError(
-                f"{group}.{key}", OmegaConf.select(node, key), "is not a key of this group"
+                f"{group}.{key}", OmegaConf.select(node, key), f"is not an argument of {node._target_}"
             ) from None
+        detail = (
+            str(cause or err).strip().splitlines()[-1] if str(cause or err).strip() else type(cause).__name__
+        )
         raise ConfigError(
-            group, OmegaConf.select(node, "_target_"), f"could not be built: {cause or err}"
+            group, OmegaConf.select(node, "_target_"), f"could not be built: {detail}"
         ) from None
     except MissingMandatoryValue as err:
         raise ConfigError(f"{group}.{err.key}", "???", "is required: set it on the command line") from None
@@ -70,12 +79,14 @@ def build(node: DictConfig, group: str, **kwargs):
 
 def check_signature(node: DictConfig, group: str) -> None:
     """Bind a group's keys to its ``_target_``'s signature without building it (unknown keys fail here)."""
-    target = get_object(node._target_)
     kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
     try:
-        inspect.signature(target).bind_partial(**kwargs)
+        inspect.signature(get_object(node._target_)).bind_partial(**kwargs)
     except TypeError as err:
-        raise ConfigError(group, sorted(kwargs), f"do not fit {node._target_}: {err}") from None
+        key = _unexpected_keyword(err) or "?"
+        raise ConfigError(
+            f"{group}.{key}", kwargs.get(key), f"is not an argument of {node._target_}"
+        ) from None
 
 
 @dataclass
@@ -127,6 +138,23 @@ def plan(cfg: DictConfig) -> Plan:
         require(isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key], key, cfg.get(key), allowed)
     for group in ("trainer", "logger"):
         check_signature(cfg[group], group)
+    max_steps = cfg.trainer.get("max_steps", -1)
+    require(
+        is_int(max_steps) and max_steps >= -1,
+        "trainer.max_steps",
+        max_steps,
+        "must be an integer >= -1 (0: no tuning, -1: no step limit)",
+    )
+    _quiet_lightning()
+    # Lightning validates its arguments (types, precision, accelerator) when a Trainer is built: cheap.
+    build(
+        cfg.trainer,
+        "trainer",
+        logger=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
 
     p = Plan(
         model=build(cfg.model, "model"),
@@ -200,7 +228,6 @@ def execute(p: Plan, progress: bool = True) -> dict:
     start = time.perf_counter()
     p.output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(p.seed, verbose=False)
-    _quiet_lightning()
     logger = build(cfg.logger, "logger")
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -38,8 +38,16 @@ BAD = [
         r"^adapter\.rows=5: must divide the output width 64 of model\.layers\.0\.self_attn\.q_proj$",
     ),
     (["adapter.dropout=1.5"], r"^adapter\.dropout=1\.5: must be a number in \[0, 1\)$"),
-    (["+pruner.foo=1"], r"^pruner\.foo=1: is not a key of this group$"),
+    (["+pruner.foo=1"], r"^pruner\.foo=1: is not an argument of sppx\.pruning\.WandaPruner$"),
     (["tune.lr=0"], r"^tune\.lr=0: must be a number in \(0, 1\)$"),
+    (["trainer.max_steps=abc"], r"^trainer\.max_steps='abc': must be an integer >= -1"),
+    (["+trainer.foo=1"], r"^trainer\.foo=1: is not an argument of pytorch_lightning\.Trainer$"),
+    (
+        ["trainer.precision=fp7"],
+        r"^trainer='pytorch_lightning\.Trainer': could not be built: Precision 'fp7' is invalid",
+    ),
+    (["model=hf"], r"^model\.name_or_path='\?\?\?': is required: set it on the command line$"),
+    (["data.split.evaluation=0.9"], r"^data\.split=.*: fractions must sum to less than 1$"),
 ]
 
 
@@ -92,6 +100,7 @@ def test_too_little_text_names_the_empty_parts(tmp_path, monkeypatch):
     short.write_text("one single paragraph of text that cannot be split four ways")
     cfg = compose_config(tiny_run_overrides(short), tmp_path)
     with pytest.raises(
-        ConfigError, match=r"^data='text': has 1 documents: too few .*empty: calibration, validation, evaluation\)"
+        ConfigError,
+        match=r"^data='text': has 1 documents: too few .*empty: calibration, validation, evaluation\)",
     ):
         run(cfg, progress=False)
