@@ -52,6 +52,15 @@ class TuneConfig:
         )
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute decoder blocks in the backward pass (non-reentrant: works with a frozen base)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class TuneModule(pl.LightningModule):
     """Trains only the parameters left with ``requires_grad`` (the adapter's); logs train/loss,
     train/lr and val/ppl (validation windows, the evaluation protocol's arithmetic)."""
@@ -64,7 +73,7 @@ class TuneModule(pl.LightningModule):
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         if tune.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
