@@ -318,4 +318,3 @@ class TuneDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.val_windows), batch_size=self.batch_size)
-

@@ -195,6 +195,7 @@ def plan(cfg: DictConfig) -> Plan:
         require(len(shapes) > 0, "pruner.targets", p.pruner.targets, "match no Linear of the model")
         for name, (_, in_features) in shapes.items():
             p.pattern.check_width(in_features, name)
+        p.pruner.check_pattern(p.pattern)
     if p.tunes:
         p.adapter.check_shapes(linear_shapes(model_config, p.adapter.targets))
     return p

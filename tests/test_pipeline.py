@@ -80,8 +80,9 @@ def test_pruner_none_and_adapter_none_reuse_measurements(tmp_path, text_file):
     assert results["params"]["trainable"] == 0 and not (tmp_path / "model").exists()
 
 
-def test_nm_run_keeps_the_pattern_after_merge(tmp_path, text_file):
-    cfg = compose_config(tiny_run_overrides(text_file, pattern="2:4", pruner="magnitude"), tmp_path)
+@pytest.mark.parametrize("pruner", ["magnitude", "sparsegpt"])
+def test_nm_run_keeps_the_pattern_after_merge(tmp_path, text_file, pruner):
+    cfg = compose_config(tiny_run_overrides(text_file, pattern="2:4", pruner=pruner), tmp_path)
     results = run(cfg, progress=False)
     assert results["sparsity"]["pattern"] == "2:4" and results["sparsity"]["target"] == 0.5
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")

@@ -4,6 +4,7 @@ from sppx.pruning.base import PROJECTIONS, NoPruner, Pruner
 from sppx.pruning.magnitude import MagnitudePruner
 from sppx.pruning.masks import SparsityPattern
 from sppx.pruning.sequential import measure_sparsity, prunable_linears, prune_model
+from sppx.pruning.sparsegpt import SparseGPTPruner
 from sppx.pruning.wanda import WandaPruner
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "MagnitudePruner",
     "NoPruner",
     "Pruner",
+    "SparseGPTPruner",
     "SparsityPattern",
     "WandaPruner",
     "measure_sparsity",

@@ -36,6 +36,9 @@ class Pruner:
         )
         require_positive_int("pruner.batch_size", self.batch_size)
 
+    def check_pattern(self, pattern: SparsityPattern) -> None:
+        """Raise ConfigError when this pruner cannot produce ``pattern`` (checked before any work)."""
+
     def new_stats(self, linear: nn.Linear):
         """A fresh statistics accumulator for ``linear``, fed every calibration input (or None)."""
         return None

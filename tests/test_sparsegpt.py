@@ -1,0 +1,119 @@
+"""SparseGPT on single Linears: exact mask counts, the Hessian, damping retries, and that its weight
+updates reconstruct the layer output better than masks without updates."""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sppx.errors import ConfigError
+from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner
+from sppx.pruning.sparsegpt import Hessian, inverse_cholesky_upper, sparsegpt_prune
+
+UNSTRUCTURED = SparsityPattern("unstructured")
+
+
+def layer_and_inputs(out_f=32, in_f=64, tokens=512, seed=0):
+    """A Linear and correlated inputs (features mixed by a random matrix), as real activations are."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=gen))
+    mix = torch.randn(in_f, in_f, generator=gen) / math.sqrt(in_f) + torch.eye(in_f)
+    # Feature scales vary 10x in no particular column order. (Scales sorted by column would defeat any
+    # per-block mask: every block of columns must give up the same fraction.)
+    scale = torch.linspace(0.2, 2.0, in_f)[torch.randperm(in_f, generator=gen)]
+    x = torch.randn(tokens, in_f, generator=gen) @ mix * scale
+    return lin, x
+
+
+def prune_with(pruner, lin, x, sparsity, pattern):
+    stats = pruner.new_stats(lin)
+    if stats is not None:
+        for chunk in x.split(100):
+            stats.add(chunk)
+    return pruner.prune(lin, stats, sparsity, pattern)
+
+
+def output_error(dense_w, lin, x) -> float:
+    return float(torch.linalg.norm(x @ dense_w.T - x @ lin.weight.detach().T))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "pattern", [UNSTRUCTURED, SparsityPattern("nm", 2, 4), SparsityPattern("nm", 4, 8)], ids=lambda p: p.label
+)
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern, seed):
+    errors = {}
+    for name, pruner in [
+        ("sparsegpt", SparseGPTPruner(blocksize=16)),
+        ("wanda", WandaPruner()),
+        ("magnitude", MagnitudePruner()),
+    ]:
+        lin, x = layer_and_inputs(seed=seed)
+        dense = lin.weight.detach().clone()
+        prune_with(pruner, lin, x, 0.5, pattern)
+        errors[name] = output_error(dense, lin, x)
+    assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_sparsegpt_nm_has_exactly_n_zeros_per_group(n, m):
+    lin, x = layer_and_inputs()
+    keep = prune_with(SparseGPTPruner(blocksize=32), lin, x, 0.5, SparsityPattern("nm", n, m))
+    assert ((~keep).reshape(32, -1, m).sum(-1) == n).all()
+    assert ((lin.weight == 0).reshape(32, -1, m).sum(-1) >= n).all()
+    assert (lin.weight[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_sparsegpt_unstructured_prunes_the_block_quota(sparsity):
+    lin, x = layer_and_inputs(in_f=80)
+    keep = prune_with(SparseGPTPruner(blocksize=32), lin, x, sparsity, UNSTRUCTURED)
+    blocks = [32, 32, 16]
+    assert int((~keep).sum()) == sum(math.floor(sparsity * 32 * b) for b in blocks)
+    start = 0
+    for b in blocks:
+        assert int((~keep[:, start : start + b]).sum()) == math.floor(sparsity * 32 * b)
+        start += b
+
+
+def test_hessian_is_two_over_n_xtx_across_batches():
+    x = torch.randn(300, 16)
+    h = Hessian(16, torch.device("cpu"))
+    for chunk in x.split(70):
+        h.add(chunk.reshape(2, -1, 16) if chunk.shape[0] % 2 == 0 else chunk)
+    torch.testing.assert_close(h.H, 2.0 / 300 * x.T @ x, rtol=1e-5, atol=1e-6)
+    assert h.tokens == 300
+
+
+def test_dead_inputs_get_zero_weights_and_no_nans():
+    lin, x = layer_and_inputs()
+    x[:, [3, 17]] = 0.0
+    keep = prune_with(SparseGPTPruner(blocksize=16), lin, x, 0.5, UNSTRUCTURED)
+    assert torch.isfinite(lin.weight).all()
+    assert (lin.weight[:, [3, 17]] == 0).all()
+    assert (lin.weight[~keep] == 0).all()
+
+
+def test_failed_cholesky_raises_damping_and_logs(caplog):
+    H = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))  # mean diag 0.625: PD only once damping > 0.8
+    with caplog.at_level(logging.WARNING):
+        U = inverse_cholesky_upper(H, percdamp=0.01)
+    assert len([r for r in caplog.records if "Cholesky failed" in r.message]) == 2
+    expected = torch.linalg.cholesky(torch.linalg.inv(H + 1.0 * 0.625 * torch.eye(4)), upper=True)
+    torch.testing.assert_close(U, expected)
+    with pytest.raises(torch.linalg.LinAlgError):
+        inverse_cholesky_upper(-torch.eye(4) * 1e6 - torch.ones(4, 4), percdamp=0.01, max_tries=2)
+
+
+def test_weights_keep_their_dtype_and_blocksize_must_fit_m():
+    lin, x = layer_and_inputs()
+    w, keep = sparsegpt_prune(
+        lin.weight.to(torch.bfloat16), 2.0 / 512 * x.T @ x, 0.5, UNSTRUCTURED, blocksize=64
+    )
+    assert w.dtype == torch.bfloat16 and (w[~keep] == 0).all()
+    with pytest.raises(ConfigError, match=r"^pruner\.blocksize=6: must be a multiple of M=4"):
+        SparseGPTPruner(blocksize=6).check_pattern(SparsityPattern("nm", 2, 4))
