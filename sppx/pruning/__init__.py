@@ -3,7 +3,7 @@
 from sppx.pruning.base import PROJECTIONS, NoPruner, Pruner
 from sppx.pruning.magnitude import MagnitudePruner
 from sppx.pruning.masks import SparsityPattern
-from sppx.pruning.sequential import measure_sparsity, prunable_linears, prune_model
+from sppx.pruning.sequential import prunable_linears, prune_model
 from sppx.pruning.sparsegpt import SparseGPTPruner
 from sppx.pruning.wanda import WandaPruner
 
@@ -15,7 +15,6 @@ __all__ = [
     "SparseGPTPruner",
     "SparsityPattern",
     "WandaPruner",
-    "measure_sparsity",
     "prunable_linears",
     "prune_model",
 ]

@@ -33,6 +33,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """The module name of the decoder blocks' ModuleList (``model.layers``)."""
+    layers = decoder_layers(model)
+    return next(name for name, mod in model.named_modules() if mod is layers)
+
+
 def block_linears(block: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     """Linears of one block whose last name component is in ``targets``, by their name in the block."""
     found = {
@@ -45,8 +51,7 @@ def block_linears(block: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
 
 def prunable_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     """Every targeted Linear of the decoder, by its full module name."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
     return {
         f"{prefix}.{i}.{name}": lin
         for i, block in enumerate(layers)
@@ -96,8 +101,7 @@ def prune_model(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}``."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
     masks: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(layers), desc=f"prune ({pruner.name})", disable=not progress, unit="block")
 
@@ -134,10 +138,3 @@ def prune_model(
     bar.close()
     return masks
 
-
-def measure_sparsity(model: nn.Module, targets: list[str]) -> dict[str, float]:
-    """Fraction of exact zeros in every targeted Linear of the decoder."""
-    return {
-        name: float((lin.weight == 0).sum().item() / lin.weight.numel())
-        for name, lin in prunable_linears(model, targets).items()
-    }
