@@ -137,4 +137,3 @@ def prune_model(
         bar.update()
     bar.close()
     return masks
-
