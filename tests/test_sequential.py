@@ -1,11 +1,12 @@
 """The sequential calibration engine: what each block's statistics see, and the masks it returns."""
 
+import copy
 import math
 
 import torch
 
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import capture_block_inputs, decoder_layers, prunable_linears
+from sppx.pruning.sequential import capture_block_inputs, decoder_layers, prunable_linears, sequential_groups
 from sppx.pruning.wanda import wanda_scores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -97,3 +98,48 @@ def test_captured_inputs_are_the_embeddings(tiny):
     assert [h.shape[0] for h, _ in captured] == [2, 2, 1]
     torch.testing.assert_close(torch.cat([h for h, _ in captured]), model.model.embed_tokens(calib))
     assert "position_embeddings" in captured[0][1]
+
+
+def test_true_sequential_measures_later_sublayers_after_earlier_ones_are_pruned(tiny):
+    model, _ = tiny
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (6, 24))
+    dense = copy.deepcopy(model)
+    down0 = decoder_layers(model)[0].mlp.down_proj
+    dense_down0 = input_norms(dense, decoder_layers(dense)[0].mlp.down_proj, calib)
+
+    plain, ordered = RecordingWanda(batch_size=4), RecordingWanda(batch_size=4, true_sequential=True)
+    prune_model(dense, plain, 0.5, SparsityPattern(), calib, progress=False)
+    prune_model(model, ordered, 0.5, SparsityPattern(), calib, progress=False)
+
+    plain_seen = plain.seen[id(decoder_layers(dense)[0].mlp.down_proj)]
+    torch.testing.assert_close(plain_seen, dense_down0, rtol=1e-4, atol=1e-5)  # all of block 0 measured dense
+    # In order, down_proj is measured after q,k,v,o,gate,up of the same block were pruned: exactly its
+    # inputs in the finished model (its own pruning does not change them).
+    torch.testing.assert_close(
+        ordered.seen[id(down0)], input_norms(model, down0, calib), rtol=1e-4, atol=1e-5
+    )
+    assert not torch.allclose(ordered.seen[id(down0)], plain_seen, rtol=1e-3)
+    # q, k, v come first in either mode, so they see the same (dense) inputs.
+    q0 = decoder_layers(model)[0].self_attn.q_proj
+    torch.testing.assert_close(
+        ordered.seen[id(q0)], plain.seen[id(decoder_layers(dense)[0].self_attn.q_proj)]
+    )
+
+
+def test_sequential_groups_follow_the_block_order():
+    names = [
+        "mlp.down_proj",
+        "self_attn.q_proj",
+        "mlp.up_proj",
+        "self_attn.o_proj",
+        "extra",
+        "self_attn.v_proj",
+    ]
+    assert sequential_groups(names) == [
+        ["self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.up_proj"],
+        ["mlp.down_proj"],
+        ["extra"],
+    ]

@@ -21,6 +21,7 @@ class Pruner:
 
     targets: list = field(default_factory=lambda: list(PROJECTIONS))
     batch_size: int = 8
+    true_sequential: bool = False  # prune [q,k,v] -> [o] -> [gate,up] -> [down], re-measuring in between
 
     name = "base"
     needs_calibration = False  # True: statistics are collected block by block (sequential engine)
@@ -35,6 +36,12 @@ class Pruner:
             f"must list Linear names such as {', '.join(PROJECTIONS)}",
         )
         require_positive_int("pruner.batch_size", self.batch_size)
+        require(
+            isinstance(self.true_sequential, bool),
+            "pruner.true_sequential",
+            self.true_sequential,
+            "must be true or false",
+        )
 
     def check_pattern(self, pattern: SparsityPattern) -> None:
         """Raise ConfigError when this pruner cannot produce ``pattern`` (checked before any work)."""

@@ -59,6 +59,35 @@ def prunable_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linea
     }
 
 
+# The order of true_sequential pruning inside a block (SparseGPT's option); other targets come last.
+SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def sequential_groups(names: list[str]) -> list[list[str]]:
+    """Split a block's Linear names into the true_sequential groups, in order, dropping empty ones."""
+    groups = [[n for n in names if n.rsplit(".", 1)[-1] in kinds] for kinds in SEQUENTIAL_ORDER]
+    placed = {n for g in groups for n in g}
+    groups.append([n for n in names if n not in placed])
+    return [g for g in groups if g]
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], pruner: Pruner, inputs) -> dict:
+    """Run ``block`` over every calibration mini-batch, feeding each Linear's inputs to its statistics."""
+    stats = {name: pruner.new_stats(lin) for name, lin in linears.items()}
+    hooks = [
+        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, lin in linears.items()
+    ]
+    try:
+        for hidden, kwargs in inputs:
+            block(hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
 class _Captured(Exception):
     pass
 
@@ -118,20 +147,14 @@ def prune_model(
     inputs = capture_block_inputs(model, calibration, pruner.batch_size)
     for i, block in enumerate(layers):
         linears = block_linears(block, pruner.targets)
-        stats = {name: pruner.new_stats(lin) for name, lin in linears.items()}
-        hooks = [
-            lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-            for name, lin in linears.items()
-        ]
-        try:
-            for hidden, kwargs in inputs:
-                block(hidden, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, linear in linears.items():
-            masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, stats[name], sparsity, pattern)
-        del stats
+        groups = sequential_groups(list(linears)) if pruner.true_sequential else [list(linears)]
+        for group in groups:
+            # With true_sequential, each group's statistics see the already pruned earlier groups.
+            group_linears = {name: linears[name] for name in group}
+            stats = collect_stats(block, group_linears, pruner, inputs)
+            for name, linear in group_linears.items():
+                masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, stats[name], sparsity, pattern)
+            del stats
         # Pruned outputs of this block feed the next one.
         inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         bar.update()
