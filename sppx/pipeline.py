@@ -136,8 +136,7 @@ def plan(cfg: DictConfig) -> Plan:
             f"must select an option of conf/{key}/" if key in GROUPS else "must be a mapping with a _target_"
         )
         require(isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key], key, cfg.get(key), allowed)
-    for group in ("trainer", "logger"):
-        check_signature(cfg[group], group)
+    check_signature(cfg.logger, "logger")  # loggers may touch disk or network when built: bind only
     max_steps = cfg.trainer.get("max_steps", -1)
     require(
         is_int(max_steps) and max_steps >= -1,
