@@ -3,6 +3,10 @@
 A corpus (the ``data`` config group) yields documents. They are split *by document*, deterministically,
 into disjoint parts: ``calibration`` (pruning statistics), ``validation`` (``val/ppl`` while tuning),
 ``evaluation`` (the reported perplexities) and ``tuning`` (the rest). The split is cached as JSON.
+
+Calibration windows come from the ``calibration`` part by default; ``data.calibration`` can instead
+name the tuning part, C4 (the reference setup of Wanda and SparseGPT; needs internet once, then it is
+cached) or a text file of the user's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from sppx.wikitext import clean_wikitext, iter_articles
 log = logging.getLogger(__name__)
 
 PARTS = ("calibration", "validation", "evaluation", "tuning")
+CALIBRATION_SOURCES = ("calibration", "tuning", "c4")  # or a path to a text file
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard Wanda and SparseGPT calibrate on
+C4_DOCUMENTS = 5000  # documents read (streamed) from its start
 _SPLIT_VERSION = 1  # bump when cleaning or splitting changes, so caches are rebuilt
 
 
@@ -37,6 +44,7 @@ class Corpus:
     name: str = "corpus"
     seqlen: int = 256  # tokens per calibration / tuning window
     nsamples: int = 32  # calibration windows
+    calibration: str = "calibration"  # calibration | tuning | c4 | a path to a text file
     batch_size: int = 4  # tuning batch
     val_windows: int = 8  # validation windows used for val/ppl (null: all)
     split: dict = field(default_factory=lambda: {"calibration": 0.1, "validation": 0.05, "evaluation": 0.15})
@@ -44,6 +52,12 @@ class Corpus:
     def __post_init__(self):
         require_positive_int("data.seqlen", self.seqlen, minimum=2)
         require_positive_int("data.nsamples", self.nsamples)
+        require(
+            isinstance(self.calibration, str) and self.calibration.strip() != "",
+            "data.calibration",
+            self.calibration,
+            f"allowed: {', '.join(CALIBRATION_SOURCES)}, or a path to a text file",
+        )
         require_positive_int("data.batch_size", self.batch_size)
         if self.val_windows is not None:
             require_positive_int("data.val_windows", self.val_windows)
@@ -60,6 +74,28 @@ class Corpus:
     # --- what subclasses provide
     def check(self) -> None:
         """Cheap checks that the source can be read (paths exist); raises ConfigError."""
+
+    def check_calibration(self, cache_dir: Path | None) -> None:
+        """Check (and for C4, fetch) the calibration source before any weights are read."""
+        if self.calibration == "c4":
+            c4_documents(cache_dir)
+        elif self.calibration not in CALIBRATION_SOURCES:
+            path = Path(os.path.expanduser(self.calibration))
+            require(
+                path.is_file() and os.access(path, os.R_OK),
+                "data.calibration",
+                self.calibration,
+                f"allowed: {', '.join(CALIBRATION_SOURCES)}, or a path to a readable text file",
+            )
+
+    def calibration_stream(self, tokens: TokenizedCorpus, tokenizer, cache_dir: Path | None) -> torch.Tensor:
+        """The token stream calibration windows are drawn from (see ``data.calibration``)."""
+        if self.calibration in ("calibration", "tuning"):
+            return tokens.streams[self.calibration]
+        if self.calibration == "c4":
+            return encode_documents(tokenizer, c4_documents(cache_dir))
+        text = Path(os.path.expanduser(self.calibration)).read_text(encoding="utf-8", errors="replace")
+        return encode_documents(tokenizer, [b.strip() for b in text.split("\n\n") if b.strip()])
 
     def fingerprint(self) -> str:
         """Identifies the source's content, for the split cache."""
@@ -253,6 +289,31 @@ class HubDataset(Corpus):
         return [(f"{i}", row) for i, row in enumerate(ds[self.text_field]) if isinstance(row, str)]
 
 
+def c4_documents(cache_dir: Path | None, count: int = C4_DOCUMENTS) -> list[str]:
+    """The first ``count`` documents of C4's first English training shard, streamed once and cached."""
+    path = Path(cache_dir) / "data" / f"c4-{C4_SHARD.replace('/', '_')}-{count}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(
+            "allenai/c4", data_files={"train": C4_SHARD}, split="train", streaming=True
+        )
+        docs = [row["text"] for _, row in zip(range(count), stream, strict=False)]
+    except Exception as err:  # the hub client raises many types; one line is what users need
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            "data.calibration",
+            "c4",
+            f"could not be loaded ({first}): it needs internet access to huggingface.co once "
+            "(then it is cached); offline, use calibration, tuning or a text file",
+        ) from None
+    if path is not None:
+        write_json_atomic(path, docs)
+    return docs
+
+
 # --------------------------------------------------------------------------- tokens and windows
 def encode_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     """One long 1-D token stream: documents joined by the end-of-text token (no other specials)."""
@@ -281,6 +342,11 @@ def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short fingerprint of token windows: equal digests mean identical calibration data."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from sppx.pruning.sequential import prunable_linears
+from sppx.pruning.sequential import layers_prefix, prunable_linears
 
 
 class SparsityViolation(AssertionError):
@@ -53,20 +53,26 @@ def verify_saved_zeros(directory: Path, masks: dict[str, torch.Tensor]) -> int:
 
 
 def sparsity_report(model: nn.Module, targets: list[str]) -> dict:
-    """Measured zeros of every targeted Linear: overall, per module type (q_proj, ...) and per module."""
-    per_module, by_type = {}, defaultdict(lambda: [0, 0])
+    """Measured zeros of every targeted Linear: overall, per module type (q_proj, ...), per decoder
+    block (in order) and per module."""
+    per_module, by_type, by_layer = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    prefix = layers_prefix(model) + "."
     zeros_total = numel_total = 0
     for name, lin in prunable_linears(model, targets).items():
         zeros, numel = int((lin.weight == 0).sum()), lin.weight.numel()
         per_module[name] = zeros / numel
-        kind = name.rsplit(".", 1)[-1]
-        by_type[kind][0] += zeros
-        by_type[kind][1] += numel
+        for key, counts in (
+            (name.rsplit(".", 1)[-1], by_type),
+            (int(name[len(prefix) :].split(".")[0]), by_layer),
+        ):
+            counts[key][0] += zeros
+            counts[key][1] += numel
         zeros_total += zeros
         numel_total += numel
     return {
         "measured": zeros_total / numel_total if numel_total else 0.0,
         "per_type": {k: z / n for k, (z, n) in by_type.items()},
+        "per_layer": [z / n for _, (z, n) in sorted(by_layer.items())],
         "per_module": per_module,
     }
 

@@ -12,7 +12,6 @@ import logging
 import re
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sppx.data import (
     TuneDataModule,
     calibration_windows,
     consecutive_windows,
+    windows_digest,
     write_json_atomic,
 )
 from sppx.errors import ConfigError, is_int, require, require_fraction, require_positive_int
@@ -39,7 +39,9 @@ from sppx.evaluate import EvalConfig, perplexity
 from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig, TuneModule
+from sppx.profiling import PeakMemory, Stopwatch
 from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
+from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import prunable_linears
 
 log = logging.getLogger(__name__)
@@ -194,28 +196,15 @@ def plan(cfg: DictConfig) -> Plan:
         require(len(shapes) > 0, "pruner.targets", p.pruner.targets, "match no Linear of the model")
         for name, (_, in_features) in shapes.items():
             p.pattern.check_width(in_features, name)
-        p.pruner.check_pattern(p.pattern)
+        p.pruner.check_pattern(p.pattern, p.target_sparsity)
+        if p.pruner.needs_calibration:
+            p.corpus.check_calibration(p.cache_dir)
     if p.tunes:
         p.adapter.check_shapes(linear_shapes(model_config, p.adapter.targets))
     return p
 
 
 # --------------------------------------------------------------------------- execute
-class Stopwatch:
-    """Wall time per stage; a stage entered twice accumulates."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
-
-
 def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # raised inside Lightning itself
@@ -251,14 +240,38 @@ def execute(p: Plan, progress: bool = True) -> dict:
 
     # Prune.
     masks: dict[str, torch.Tensor] = {}
+    prune_info: dict = {"allocation": p.pruner.allocation, "layer_targets": None, "phases_s": {}}
+    calibration: dict | None = None
     if not isinstance(p.pruner, NoPruner):
         calib = None
         if p.pruner.needs_calibration:
-            calib = calibration_windows(
-                tokens.streams["calibration"], p.corpus.nsamples, p.corpus.seqlen, p.seed
+            stream = p.corpus.calibration_stream(tokens, tokenizer, p.cache_dir)
+            calib = calibration_windows(stream, p.corpus.nsamples, p.corpus.seqlen, p.seed)
+            calibration = {
+                "source": p.corpus.calibration,
+                "windows": int(calib.shape[0]),
+                "seqlen": int(calib.shape[1]),
+                "seed": p.seed,
+                "sampler": "uniform random start offsets in the source's token stream",
+                "source_tokens": int(stream.numel()),
+                "digest": windows_digest(calib),
+            }
+        phases = Stopwatch()
+        with watch("prune"), PeakMemory() as peak:
+            with phases("OWL outliers"):
+                layer_targets = layer_sparsities(model, p.pruner, p.target_sparsity, calib, progress)
+            masks = prune_model(
+                model, p.pruner, layer_targets, p.pattern, calib, progress=progress, watch=phases
             )
-        with watch("prune"):
-            masks = prune_model(model, p.pruner, p.target_sparsity, p.pattern, calib, progress=progress)
+        if p.pruner.allocation == "uniform":
+            phases.times.pop("OWL outliers")
+        prune_info.update(
+            layer_targets=layer_targets,
+            phases_s={k: round(v, 3) for k, v in phases.times.items()},
+            peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
+        )
+        if peak.cuda_peak:
+            prune_info["peak_cuda_mib"] = round(peak.cuda_peak / 2**20, 1)
     pruned_changed = bool(masks)
     if p.eval.pruned:
         ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
@@ -307,8 +320,10 @@ def execute(p: Plan, progress: bool = True) -> dict:
             "requested": p.sparsity,
             "zeros_verified": zeros_checked,
             "per_type": report["per_type"],
+            "per_layer": report["per_layer"],
             "per_module": report["per_module"],
         },
+        "prune": prune_info,
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
         "time_s": {
             k: round(watch.times.get(k, 0.0), 3)
@@ -324,7 +339,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
         },
         "data": {
             "tokens": tokens.sizes(),
-            "calibration_windows": p.corpus.nsamples if masks and p.pruner.needs_calibration else 0,
+            "calibration_windows": calibration["windows"] if calibration else 0,
+            "calibration": calibration,
         },
         "model_dir": str(model_dir) if model_dir else None,
         "config": OmegaConf.to_container(cfg, resolve=True),

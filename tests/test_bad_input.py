@@ -48,6 +48,24 @@ BAD = [
     ),
     (["model=hf"], r"^model\.name_or_path='\?\?\?': is required: set it on the command line$"),
     (["data.split.evaluation=0.9"], r"^data\.split=.*: fractions must sum to less than 1$"),
+    (["pruner.allocation=layerwise"], r"^pruner\.allocation='layerwise': allowed: uniform, owl$"),
+    (
+        ["pruner.allocation=owl", "pattern=2:4"],
+        r"^pruner\.allocation='owl': allowed with pattern=unstructured only \(pattern 2:4",
+    ),
+    (
+        ["pruner.allocation=owl", "sparsity=0.9"],
+        r"^pruner\.owl_lambda=0\.08: must keep sparsity \+- 2\*lambda in \[0, 1\) \(sparsity=0\.9\)",
+    ),
+    (
+        ["pruner.use_variant=true", "pattern=4:8"],
+        r"^pruner\.use_variant=True: allowed with pattern=unstructured",
+    ),
+    (
+        ["data.calibration=/no/such/calib.txt"],
+        r"^data\.calibration='/no/such/calib\.txt': allowed: calibration, tuning, c4, or a path to a readable",
+    ),
+    (["data.calibration=''"], r"^data\.calibration='': allowed: calibration, tuning, c4, or a path"),
 ]
 
 

@@ -1,15 +1,19 @@
 """Corpus cleaning, the deterministic split, and the token windows."""
 
+import pytest
 import torch
 
 from sppx.data import (
     PARTS,
     TextFiles,
+    TokenizedCorpus,
+    c4_documents,
     calibration_windows,
     consecutive_windows,
     encode_documents,
     split_documents,
 )
+from sppx.errors import ConfigError
 from sppx.models import byte_tokenizer
 from sppx.wikitext import clean_wikitext
 
@@ -107,3 +111,47 @@ def test_hub_dataset_source_reads_a_local_json_builder(tmp_path):
     assert len(docs) == 30 and docs[3][1] == "document number 3 talks about rivers"
     parts = corpus.parts(tmp_path / "cache")
     assert sum(len(v) for v in parts.values()) == 30
+
+
+def test_calibration_sources_draw_from_the_part_or_file_asked_for(tmp_path, text_file, monkeypatch):
+    tokenizer = byte_tokenizer()
+    own = tmp_path / "own.txt"
+    own.write_text("zebra quartz " * 200)
+    cache = tmp_path / "cache"
+    for source in ("calibration", "tuning", str(own)):
+        corpus = TextFiles(paths=[str(text_file)], calibration=source)
+        corpus.check_calibration(cache)
+        tokens = TokenizedCorpus.build(corpus, tokenizer, cache)
+        stream = corpus.calibration_stream(tokens, tokenizer, cache)
+        if source in ("calibration", "tuning"):
+            assert torch.equal(stream, tokens.streams[source])
+        else:
+            assert torch.equal(stream, encode_documents(tokenizer, [own.read_text().strip()]))
+        windows = calibration_windows(stream, 4, 16, seed=0)
+        assert torch.equal(windows, calibration_windows(stream, 4, 16, seed=0))  # seeded
+
+    # C4 is read once through datasets and cached; a failure names the key and says what to do instead.
+    calls = []
+
+    def fake_load_dataset(path, data_files=None, split=None, streaming=False):
+        calls.append((path, data_files, split, streaming))
+        return iter([{"text": f"document {i}"} for i in range(10)])
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert c4_documents(cache, count=3) == ["document 0", "document 1", "document 2"]
+    assert c4_documents(cache, count=3) == ["document 0", "document 1", "document 2"]
+    assert calls == [("allenai/c4", {"train": "en/c4-train.00000-of-01024.json.gz"}, "train", True)]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(
+        ConfigError, match=r"^data\.calibration='c4': could not be loaded \(Couldn't reach"
+    ) as info:
+        TextFiles(paths=[str(text_file)], calibration="c4").check_calibration(tmp_path / "other-cache")
+    assert "\n" not in str(info.value) and "offline, use calibration, tuning or a text file" in str(
+        info.value
+    )

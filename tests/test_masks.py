@@ -8,7 +8,8 @@ from torch import nn
 
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner
-from sppx.pruning.masks import nm_mask, per_matrix_mask, per_row_mask
+from sppx.pruning.masks import lowest, nm_mask, per_matrix_mask, per_row_mask
+from sppx.pruning.wanda import cumulative_mask, wanda_scores
 
 UNSTRUCTURED = SparsityPattern()
 
@@ -108,3 +109,69 @@ def test_bad_patterns_are_rejected(kind, n, m, key):
 def test_pattern_width_check_names_the_module():
     with pytest.raises(ConfigError, match=r"M=8 must divide the input width 36 of layer\.q"):
         SparsityPattern("nm", 2, 8).check_width(36, "layer.q")
+
+
+def stable_sort_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    order = torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, k)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(dim, order, True)
+
+
+def test_lowest_selects_exactly_what_a_stable_sort_does_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        shape = (
+            int(torch.randint(1, 7, (1,), generator=gen)),
+            int(torch.randint(1, 12, (1,), generator=gen)),
+        )
+        scores = torch.randint(0, 4, shape, generator=gen).float()  # many ties
+        dim = trial % 2
+        k = int(torch.randint(0, shape[dim] + 1, (1,), generator=gen))
+        assert torch.equal(lowest(scores, k, dim), stable_sort_lowest(scores, k, dim)), (scores, k, dim)
+
+
+@pytest.mark.parametrize("sparsity", [0.6, 0.55, 0.123])
+def test_per_row_mask_prunes_exactly_floor_numel_p_rows_differing_by_at_most_one(sparsity):
+    torch.manual_seed(0)
+    scores = torch.rand(24, 50)
+    keep = per_row_mask(scores, sparsity)
+    per_row = (~keep).sum(dim=1)
+    assert int(per_row.sum()) == math.floor(24 * 50 * sparsity + 1e-9)
+    assert set(per_row.tolist()) <= {math.floor(50 * sparsity), math.floor(50 * sparsity) + 1}
+    for row in range(24):  # each row prunes its lowest scores
+        assert scores[row][~keep[row]].max() <= scores[row][keep[row]].min()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.6, 0.75, 0.9])
+def test_wanda_variant_hits_the_target_within_0_001_with_rows_that_differ(sparsity):
+    lin = linear(64, 256, seed=2)
+    torch.manual_seed(3)
+    x = torch.randn(40, 256) * torch.logspace(-1, 0.5, 256)
+    w = lin.weight.detach().clone()
+    pruner = WandaPruner(use_variant=True)
+    stats = pruner.new_stats(lin)
+    stats.add(x)
+    keep = pruner.prune(lin, stats, sparsity, UNSTRUCTURED)
+    assert abs(float((~keep).float().mean()) - sparsity) <= 0.001
+    assert torch.equal(lin.weight == 0, ~keep) and torch.equal(lin.weight[keep], w[keep])
+    per_row = (~keep).sum(dim=1)
+    assert per_row.max() > per_row.min()  # unlike plain Wanda, rows get different sparsities
+
+    # The rule itself: in each row the pruned entries are the lowest scores, and their sum stays within
+    # alpha x the row's total while one more would exceed it.
+    scores = wanda_scores(w, stats.norms)
+    mask, alpha = cumulative_mask(scores, sparsity)
+    assert torch.equal(mask, keep)
+    for row in range(64):
+        pruned, kept = scores[row][~keep[row]], scores[row][keep[row]]
+        assert pruned.max() <= kept.min()
+        assert float(pruned.sum()) <= alpha * float(scores[row].sum()) * (1 + 1e-5)
+        assert float(pruned.sum() + kept.min()) > alpha * float(scores[row].sum()) * (1 - 1e-5)
+
+
+def test_wanda_variant_is_refused_with_nm_patterns():
+    with pytest.raises(
+        ConfigError, match=r"^pruner\.use_variant=True: allowed with pattern=unstructured only"
+    ):
+        WandaPruner(use_variant=True).check_pattern(SparsityPattern("nm", 2, 4), 0.5)
+    with pytest.raises(ConfigError, match=r"^pruner\.use_variant='yes': must be true or false"):
+        WandaPruner(use_variant="yes")

@@ -137,3 +137,43 @@ def test_wandb_logger_runs_offline(tmp_path, text_file, monkeypatch):
     run(compose_config(overrides, tmp_path), progress=False)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, text_file):
+    own = tmp_path / "calib.txt"
+    own.write_text("A different text for calibration only, about stars and comets. " * 40)
+    overrides = tiny_run_overrides(
+        text_file,
+        export="false",
+        **{"pruner.allocation": "owl", "data.calibration": str(own), "sparsity": 0.6},
+    )
+    results = run(compose_config([*overrides, "trainer.max_steps=0"], tmp_path / "owl"), progress=False)
+    on_disk = json.loads((tmp_path / "owl" / "results.json").read_text())
+    targets = on_disk["prune"]["layer_targets"]
+    measured = on_disk["sparsity"]["per_layer"]
+    assert on_disk["prune"]["allocation"] == "owl" and len(targets) == len(measured) == 2
+    assert sum(targets) / 2 == pytest.approx(0.6, abs=1e-9) and targets[0] != targets[1]
+    assert all(abs(m - t) < 0.002 for m, t in zip(measured, targets, strict=True))
+    assert abs(on_disk["sparsity"]["measured"] - 0.6) <= 0.001
+    assert set(on_disk["prune"]["phases_s"]) >= {"OWL outliers", "statistics", "masks", "block outputs"}
+    calib = on_disk["data"]["calibration"]
+    assert (
+        calib["source"] == str(own) and calib["windows"] == 8 and calib["seqlen"] == 32 and calib["seed"] == 0
+    )
+    assert results["data"]["calibration"]["digest"] == calib["digest"]
+
+    # Another seed draws other windows; the default source is the corpus's own calibration part.
+    other = run(
+        compose_config([*overrides, "trainer.max_steps=0", "seed=1"], tmp_path / "seed1"), progress=False
+    )
+    assert other["data"]["calibration"]["digest"] != calib["digest"]
+    default = run(
+        compose_config(
+            [*tiny_run_overrides(text_file, export="false"), "trainer.max_steps=0"], tmp_path / "d"
+        ),
+        progress=False,
+    )
+    assert default["data"]["calibration"]["source"] == "calibration"
+    assert (
+        default["prune"]["layer_targets"] == [0.5, 0.5] and "OWL outliers" not in default["prune"]["phases_s"]
+    )

@@ -6,7 +6,14 @@ import math
 import torch
 
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import capture_block_inputs, decoder_layers, prunable_linears, sequential_groups
+from sppx.pruning.sequential import (
+    block_linears,
+    capture_block_inputs,
+    collect_stats,
+    decoder_layers,
+    prunable_linears,
+    sequential_groups,
+)
 from sppx.pruning.wanda import wanda_scores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -143,3 +150,38 @@ def test_sequential_groups_follow_the_block_order():
         ["mlp.down_proj"],
         ["extra"],
     ]
+
+
+def test_statistics_are_shared_by_linears_with_one_input_and_the_block_stops_early(tiny):
+    model, _ = tiny
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (6, 24))
+    block = decoder_layers(model)[0]
+    linears = block_linears(block, TARGETS)
+    inputs = capture_block_inputs(model, calib, batch_size=4)
+    calls = {"down": 0}
+    handle = block.mlp.down_proj.register_forward_hook(
+        lambda *_: calls.__setitem__("down", calls["down"] + 1)
+    )
+    stats = collect_stats(block, linears, WandaPruner(), inputs)
+    handle.remove()
+
+    assert calls["down"] == 0  # cut short once down_proj's input was read: its matmul never ran
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    distinct = {id(s) for s in stats.values()}
+    assert len(distinct) == 4  # q/k/v, o, gate/up, down
+    for name, s in stats.items():
+        assert s.tokens == 6 * 24
+        torch.testing.assert_close(s.norms, input_norms(model, linears[name], calib), rtol=1e-4, atol=1e-5)
+
+
+def test_each_block_is_pruned_at_its_own_sparsity(tiny):
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 16))
+    masks = prune_model(
+        model, WandaPruner(batch_size=4), [0.25, 0.75], SparsityPattern(), calib, progress=False
+    )
+    for name, keep in masks.items():
+        expected = 0.25 if ".layers.0." in name else 0.75
+        assert int((~keep).sum()) == math.floor(keep.numel() * expected)

@@ -117,3 +117,30 @@ def test_weights_keep_their_dtype_and_blocksize_must_fit_m():
     assert w.dtype == torch.bfloat16 and (w[~keep] == 0).all()
     with pytest.raises(ConfigError, match=r"^pruner\.blocksize=6: must be a multiple of M=4"):
         SparseGPTPruner(blocksize=6).check_pattern(SparsityPattern("nm", 2, 4))
+
+
+def test_inverse_factor_matches_the_cholesky_of_the_inverse():
+    _, x = layer_and_inputs(in_f=48)
+    H = 2.0 / x.shape[0] * x.T @ x
+    U = inverse_cholesky_upper(H, percdamp=0.01)
+    damped = H + 0.01 * torch.diag(H).mean() * torch.eye(48)
+    torch.testing.assert_close(
+        U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-3, atol=1e-5
+    )
+    assert torch.equal(U, torch.triu(U)) and (torch.diag(U) > 0).all()
+
+
+def test_a_shared_hessian_gives_the_same_result_as_separate_ones():
+    lin_a, x = layer_and_inputs(seed=4)
+    lin_b, _ = layer_and_inputs(seed=5)
+    pruner = SparseGPTPruner(blocksize=16)
+    shared = pruner.new_stats(lin_a)
+    shared.add(x)
+    alone = pruner.new_stats(lin_b)
+    alone.add(x)
+    b_copy = nn.Linear(64, 32, bias=False)
+    b_copy.weight.data.copy_(lin_b.weight)
+    pruner.prune(lin_a, shared, 0.5, UNSTRUCTURED)
+    keep_shared = pruner.prune(lin_b, shared, 0.5, UNSTRUCTURED)  # reuses the cached factor
+    keep_alone = pruner.prune(b_copy, alone, 0.5, UNSTRUCTURED)
+    assert torch.equal(keep_shared, keep_alone) and torch.equal(lin_b.weight, b_copy.weight)

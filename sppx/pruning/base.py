@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sppx.errors import require, require_positive_int
+from sppx.errors import is_number, require, require_positive_int
 from sppx.pruning.masks import SparsityPattern
 
+ALLOCATIONS = ("uniform", "owl")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -22,9 +23,12 @@ class Pruner:
     targets: list = field(default_factory=lambda: list(PROJECTIONS))
     batch_size: int = 8
     true_sequential: bool = False  # prune [q,k,v] -> [o] -> [gate,up] -> [down], re-measuring in between
+    allocation: str = "uniform"  # uniform | owl: how the target sparsity is spread over decoder blocks
+    owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds M x the block's mean
+    owl_lambda: float = 0.08  # OWL: block sparsities span target +- lambda
 
     name = "base"
-    needs_calibration = False  # True: statistics are collected block by block (sequential engine)
+    collects_stats = False  # True: statistics of each Linear's inputs are collected block by block
 
     def __post_init__(self):
         require(
@@ -42,12 +46,47 @@ class Pruner:
             self.true_sequential,
             "must be true or false",
         )
+        require(
+            self.allocation in ALLOCATIONS,
+            "pruner.allocation",
+            self.allocation,
+            f"allowed: {', '.join(ALLOCATIONS)}",
+        )
+        require(is_number(self.owl_m) and self.owl_m > 0, "pruner.owl_m", self.owl_m, "must be a number > 0")
+        require(
+            is_number(self.owl_lambda) and 0 <= self.owl_lambda < 0.5,
+            "pruner.owl_lambda",
+            self.owl_lambda,
+            "must be a number in [0, 0.5)",
+        )
 
-    def check_pattern(self, pattern: SparsityPattern) -> None:
-        """Raise ConfigError when this pruner cannot produce ``pattern`` (checked before any work)."""
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether calibration windows are needed: for statistics, or to measure OWL's outliers."""
+        return self.collects_stats or self.allocation == "owl"
+
+    def check_pattern(self, pattern: SparsityPattern, sparsity: float | None = None) -> None:
+        """Raise ConfigError when this pruner cannot produce ``pattern`` at ``sparsity`` (checked before
+        any work)."""
+        if self.allocation == "owl":
+            require(
+                not pattern.is_nm,
+                "pruner.allocation",
+                self.allocation,
+                f"allowed with pattern=unstructured only (pattern {pattern.label} fixes every layer's sparsity)",
+            )
+            if sparsity is not None:
+                # Block sparsities span at most target +- 2 lambda (before centring): keep them in [0, 1).
+                require(
+                    sparsity - 2 * self.owl_lambda >= 0 and sparsity + 2 * self.owl_lambda < 1,
+                    "pruner.owl_lambda",
+                    self.owl_lambda,
+                    f"must keep sparsity +- 2*lambda in [0, 1) (sparsity={sparsity:g}); lower it",
+                )
 
     def new_stats(self, linear: nn.Linear):
-        """A fresh statistics accumulator for ``linear``, fed every calibration input (or None)."""
+        """A fresh statistics accumulator for ``linear`` (``.add(x)`` is fed every calibration input).
+        Statistics depend on the inputs only, so Linears fed the same tensor share one accumulator."""
         return None
 
     @torch.no_grad()
@@ -58,8 +97,9 @@ class Pruner:
 
 @torch.no_grad()
 def apply_mask(linear: nn.Linear, keep: torch.Tensor) -> torch.Tensor:
-    """Set pruned weights to exactly 0.0 and return the mask (on the CPU, where masks are kept)."""
-    linear.weight.masked_fill_(~keep.to(linear.weight.device), 0.0)
+    """Set pruned weights to exactly 0.0 and return the mask (on the CPU, where masks are kept).
+    (A multiply is several times faster than masked_fill_ on the CPU; adding 0.0 turns -0.0 into 0.0.)"""
+    linear.weight.mul_(keep.to(linear.weight.device)).add_(0.0)
     return keep.cpu()
 
 

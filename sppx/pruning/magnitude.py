@@ -14,7 +14,6 @@ from sppx.pruning.masks import SparsityPattern, select_mask
 @dataclass
 class MagnitudePruner(Pruner):
     name = "magnitude"
-    needs_calibration = False
 
     @torch.no_grad()
     def prune(self, linear: nn.Linear, stats, sparsity: float, pattern: SparsityPattern) -> torch.Tensor:

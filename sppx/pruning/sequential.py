@@ -1,21 +1,23 @@
 """The sequential layer-wise calibration engine shared by every one-shot pruner.
 
 Hidden states entering decoder block 0 are captured for all calibration windows. Each block is then
-run once with hooks that feed its Linears' inputs to the pruner's statistics, its Linears are pruned,
-and the block is run again with the pruned weights: those outputs are the next block's inputs, so
-every block is pruned against the errors of the blocks before it. Only one block's activations for
-the calibration set are alive at a time.
+run once with hooks that feed its Linears' inputs to the pruner's statistics (stopping as soon as the
+last one is seen), its Linears are pruned, and the block is run again with the pruned weights: those
+outputs are the next block's inputs, so every block is pruned against the errors of the blocks before
+it. Only one block's activations for the calibration set (its inputs and outputs) are alive at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sppx.profiling import Stopwatch
 from sppx.pruning.base import Pruner
 from sppx.pruning.masks import SparsityPattern
 
@@ -71,21 +73,73 @@ def sequential_groups(names: list[str]) -> list[list[str]]:
     return [g for g in groups if g]
 
 
+class _StopBlock(Exception):
+    """Raised inside a block once every needed Linear input has been seen: the rest is not computed."""
+
+
 @torch.no_grad()
-def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], pruner: Pruner, inputs) -> dict:
-    """Run ``block`` over every calibration mini-batch, feeding each Linear's inputs to its statistics."""
-    stats = {name: pruner.new_stats(lin) for name, lin in linears.items()}
-    hooks = [
-        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-        for name, lin in linears.items()
-    ]
+def collect_stats(
+    block: nn.Module, linears: dict[str, nn.Linear], pruner: Pruner, inputs, outputs: list | None = None
+) -> dict:
+    """Run ``block`` over every calibration mini-batch, feeding each Linear's inputs to its statistics.
+
+    Inputs are read by forward *pre*-hooks. Unless ``outputs`` is a list (then the block runs to the
+    end and its outputs are appended, paired with the keyword arguments), the forward is cut short as
+    soon as the last needed input has arrived: measuring q..down of a Llama block skips the down
+    projection. Linears fed the very same tensor (q, k, v; gate, up) share one accumulator, so a
+    Hessian is built once per distinct input.
+    """
+    stats: dict = {}
+    owner: dict[str, str] = {}  # Linear -> the Linear whose accumulator it shares
+    # Input tensors seen in this batch (by id, with a weak reference: an id can be reused once its
+    # tensor is freed, and holding the tensors would keep memory alive) -> the first Linear fed each.
+    batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
+    pending: set[str] = set()
+    first_batch = True
+
+    def pre_hook(name):
+        def hook(_module, args):
+            x = args[0]
+            seen = batch_inputs.get(id(x))
+            if seen is not None and seen[0]() is x:
+                first = seen[1]
+            else:
+                batch_inputs[id(x)] = (weakref.ref(x), name)
+                first = name
+            if first_batch:
+                owner[name] = first
+                if first == name:
+                    stats[name] = pruner.new_stats(linears[name])
+                else:
+                    stats[name] = stats[first]
+            elif owner[name] != first:
+                raise RuntimeError(f"{name}: its input changed identity between calibration batches")
+            if owner[name] == name and stats[name] is not None:
+                stats[name].add(x)
+            pending.discard(name)
+            if not pending and outputs is None:
+                raise _StopBlock
+
+        return hook
+
+    hooks = [lin.register_forward_pre_hook(pre_hook(name)) for name, lin in linears.items()]
     try:
         for hidden, kwargs in inputs:
-            block(hidden, **kwargs)
+            pending.update(linears)
+            batch_inputs.clear()
+            try:
+                out = block(hidden, **kwargs)
+            except _StopBlock:
+                pass
+            else:
+                if pending:
+                    raise RuntimeError(f"{', '.join(sorted(pending))}: not called by the block's forward")
+                outputs.append((_block_output(out), kwargs))
+            first_batch = False
     finally:
         for h in hooks:
             h.remove()
-    return stats
+    return {name: stats[name] for name in linears}
 
 
 class _Captured(Exception):
@@ -120,43 +174,66 @@ def capture_block_inputs(
     return captured
 
 
+def run_blocks(
+    layers: nn.ModuleList, inputs, visit, progress: bool, desc: str, watch: Stopwatch | None = None
+) -> None:
+    """Walk the decoder blocks in order: ``visit(i, block, inputs)`` (measure, prune) and then the
+    block's outputs over all calibration mini-batches become the next block's inputs."""
+    watch = watch or Stopwatch()
+    last = len(layers) - 1
+    for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="block")):
+        visit(i, block, inputs)
+        if i < last:  # the last block's outputs feed nothing
+            with watch("block outputs"):
+                inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
     pruner: Pruner,
-    sparsity: float,
+    sparsity: float | list[float],
     pattern: SparsityPattern,
     calibration: torch.Tensor | None = None,
     progress: bool = True,
+    watch: Stopwatch | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}``."""
-    layers, prefix = decoder_layers(model), layers_prefix(model)
-    masks: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(layers), desc=f"prune ({pruner.name})", disable=not progress, unit="block")
+    """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}``.
 
-    if not pruner.needs_calibration:
-        for i, block in enumerate(layers):
+    ``sparsity`` is one fraction for every block, or one per block (a layer-wise allocation such as OWL).
+    ``watch`` (optional) accumulates the time of each phase: capture, statistics, masks, block outputs.
+    """
+    watch = watch or Stopwatch()
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    per_layer = list(sparsity) if isinstance(sparsity, (list, tuple)) else [float(sparsity)] * len(layers)
+    if len(per_layer) != len(layers):
+        raise ValueError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder blocks")
+    masks: dict[str, torch.Tensor] = {}
+
+    if not pruner.collects_stats:
+        for i, block in enumerate(tqdm(layers, desc=f"prune ({pruner.name})", disable=not progress)):
             for name, linear in block_linears(block, pruner.targets).items():
-                masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, None, sparsity, pattern)
-            bar.update()
-        bar.close()
+                with watch("masks"):
+                    masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, None, per_layer[i], pattern)
         return masks
 
     if calibration is None:
         raise ValueError(f"pruner {pruner.name} needs calibration windows")
-    inputs = capture_block_inputs(model, calibration, pruner.batch_size)
-    for i, block in enumerate(layers):
+
+    def prune_block(i: int, block: nn.Module, inputs) -> None:
         linears = block_linears(block, pruner.targets)
         groups = sequential_groups(list(linears)) if pruner.true_sequential else [list(linears)]
         for group in groups:
             # With true_sequential, each group's statistics see the already pruned earlier groups.
             group_linears = {name: linears[name] for name in group}
-            stats = collect_stats(block, group_linears, pruner, inputs)
-            for name, linear in group_linears.items():
-                masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, stats[name], sparsity, pattern)
+            with watch("statistics"):
+                stats = collect_stats(block, group_linears, pruner, inputs)
+            with watch("masks"):
+                for name, linear in group_linears.items():
+                    masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, stats[name], per_layer[i], pattern)
             del stats
-        # Pruned outputs of this block feed the next one.
-        inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-        bar.update()
-    bar.close()
+
+    with watch("capture"):
+        inputs = capture_block_inputs(model, calibration, pruner.batch_size)
+    run_blocks(layers, inputs, prune_block, progress, f"prune ({pruner.name})", watch)
     return masks

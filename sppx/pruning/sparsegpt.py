@@ -2,7 +2,7 @@
 
 H = (2/n) sum X^T X over the calibration tokens (fp32). Dead inputs (H_jj = 0) get H_jj = 1 and a
 zero weight column. H is damped by ``percdamp * mean(diag H)``; U is the upper Cholesky factor of H^-1.
-Columns are swept in blocks of ``blocksize``: within a block the mask is chosen adaptively (unstructured:
+Linears fed the same inputs (q, k, v; gate, up) share H and its factor. Columns are swept in blocks of ``blocksize``: within a block the mask is chosen adaptively (unstructured:
 the floor(p * rows * B) lowest W^2 / diag(U)^2 of the block; N:M: every M columns, the N lowest per row),
 each pruned column's error is spread over the block's remaining columns, and the block's errors over
 all later columns.
@@ -19,7 +19,7 @@ from torch import nn
 
 from sppx.errors import is_number, require, require_positive_int
 from sppx.pruning.base import Pruner
-from sppx.pruning.masks import SparsityPattern
+from sppx.pruning.masks import SparsityPattern, lowest
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Hessian:
     def __init__(self, in_features: int, device: torch.device):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self._factor: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -38,18 +39,31 @@ class Hessian:
         self.tokens += n
         x = x * math.sqrt(2.0 / self.tokens)
         self.H.addmm_(x.T, x)
+        self._factor.clear()
+
+    def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, dead) of ``hessian_factor``, computed once and shared by every Linear fed these inputs."""
+        if percdamp not in self._factor:
+            self._factor[percdamp] = hessian_factor(self.H, percdamp)
+        return self._factor[percdamp]
 
 
 def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of (H + lambda I)^-1 with lambda = percdamp * mean(diag H). A failed
-    factorisation raises the damping tenfold and retries (logged); it never falls back to identity."""
+    """Upper Cholesky factor U of (H + lambda I)^-1 (U^T U = H^-1), lambda = percdamp * mean(diag H).
+    A failed factorisation raises the damping tenfold and retries (logged); it never falls back to
+    identity.
+
+    With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is
+    upper triangular with a positive diagonal: one Cholesky and one triangular inverse, instead of
+    a Cholesky, an inverse and a second Cholesky.
+    """
     mean_diag = torch.diag(H).mean()
     damp = percdamp
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            L = torch.linalg.cholesky((H + damp * mean_diag * eye).flip(0, 1))
+            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
         except torch.linalg.LinAlgError:
             if attempt == max_tries - 1:
                 break
@@ -58,56 +72,63 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_tries: int = 6)
     raise torch.linalg.LinAlgError(f"SparseGPT: H is not positive definite even with percdamp={damp:g}")
 
 
+def hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): dead inputs (H_jj = 0) get H_jj = 1; U is the upper Cholesky factor of the damped H^-1."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    return inverse_cholesky_upper(H, percdamp), dead
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     sparsity: float,
     pattern: SparsityPattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (updated weight in weight's dtype with pruned entries exactly 0, keep-mask)."""
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U = inverse_cholesky_upper(H, percdamp)
+    """Return (updated weight in weight's dtype with pruned entries exactly 0, keep-mask).
 
-    pruned = torch.zeros_like(W, dtype=torch.bool)
+    ``factor`` is ``hessian_factor(H, percdamp)`` when already computed. The sweep works on W^T, so a
+    column of W is a contiguous row and each column step is two fused kernels (scale, rank-1 update).
+    """
+    U, dead = factor if factor is not None else hessian_factor(H, percdamp)
+    WT = weight.detach().float().t().contiguous()  # (cols, rows): WT[j] is column j of W
+    cols, rows = WT.shape
+    WT.mul_(~dead[:, None])
+
+    pruned = torch.zeros(cols, rows, dtype=torch.bool, device=WT.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        mask1 = pruned[i1:i2]  # a view: True = pruned
+        scale = torch.zeros(count, rows, dtype=WT.dtype, device=WT.device)  # mask / U_ii per column
         if not pattern.is_nm:
-            scores = W1**2 / d1[None, :] ** 2
             k = math.floor(sparsity * rows * count)
             if k:
-                order = torch.sort(scores.flatten(), stable=True).indices[:k]
-                mask1.view(-1)[order] = True
+                scores = (W1 / d1[:, None]) ** 2
+                mask1.copy_(lowest(scores.flatten(), k, 0).view_as(mask1))
+            torch.div(mask1, d1[:, None], out=scale)
+        err = torch.empty(count, rows, dtype=WT.dtype, device=WT.device)
         for i in range(count):
             if pattern.is_nm and i % pattern.m == 0:
-                scores = W1[:, i : i + pattern.m] ** 2 / d1[None, i : i + pattern.m] ** 2
-                lowest = torch.sort(scores, dim=1, stable=True).indices[:, : pattern.n]
-                mask1[:, i : i + pattern.m].scatter_(1, lowest, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    W[pruned] = 0.0
-    return W.to(weight.dtype), ~pruned
+                group = slice(i, i + pattern.m)
+                scores = (W1[group] / d1[group, None]) ** 2
+                mask1[group] = lowest(scores, pattern.n, 0)
+                torch.div(mask1[group], d1[group, None], out=scale[group])
+            # err = (w - q) / U_ii with q = w where kept, 0 where pruned; then spread it over the block.
+            torch.mul(W1[i], scale[i], out=err[i])
+            W1[i:].addr_(U1[i, i:], err[i], alpha=-1.0)
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1.0)
+    keep = ~pruned.t()
+    W = WT.t().mul(keep).add_(0.0)  # pruned entries exactly 0.0 (not -0.0)
+    return W.to(weight.dtype), keep.contiguous()
 
 
 @dataclass
@@ -118,7 +139,7 @@ class SparseGPTPruner(Pruner):
     percdamp: float = 0.01
 
     name = "sparsegpt"
-    needs_calibration = True
+    collects_stats = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -130,7 +151,8 @@ class SparseGPTPruner(Pruner):
             "must be a number > 0",
         )
 
-    def check_pattern(self, pattern: SparsityPattern) -> None:
+    def check_pattern(self, pattern: SparsityPattern, sparsity: float | None = None) -> None:
+        super().check_pattern(pattern, sparsity)
         if pattern.is_nm:
             require(
                 self.blocksize % pattern.m == 0,
@@ -148,7 +170,13 @@ class SparseGPTPruner(Pruner):
     ) -> torch.Tensor:
         self.check_pattern(pattern)
         weight, keep = sparsegpt_prune(
-            linear.weight, stats.H, sparsity, pattern, self.blocksize, self.percdamp
+            linear.weight,
+            stats.H,
+            sparsity,
+            pattern,
+            self.blocksize,
+            self.percdamp,
+            factor=stats.factor(self.percdamp),
         )
         linear.weight.copy_(weight)
         return keep.cpu()

@@ -1,0 +1,74 @@
+"""Measuring a stage: wall time per named phase (Stopwatch), and peak memory (PeakMemory: process RSS
+sampled in a background thread, and the CUDA allocator's peak when a GPU is in use)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class Stopwatch:
+    """Wall time per phase; a phase entered twice accumulates."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.rss_start``, ``peak.rss_peak`` and
+    ``peak.rss_increase`` (bytes), and ``peak.cuda_peak`` (bytes allocated, 0 without CUDA)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.rss_start = self.rss_peak = self.cuda_peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.rss_peak = max(self.rss_peak, rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self.rss_start = self.rss_peak = rss_bytes()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.rss_peak = max(self.rss_peak, rss_bytes())
+        if torch.cuda.is_available():
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def rss_increase(self) -> int:
+        return self.rss_peak - self.rss_start

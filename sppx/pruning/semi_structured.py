@@ -1,0 +1,34 @@
+"""2:4 weights on NVIDIA sparse tensor cores: torch's semi-structured sparse format (CUDA, fp16/bf16).
+
+A 2:4-pruned Linear keeps at most 2 nonzeros in every group of 4 consecutive input weights; torch stores
+the kept values and 2-bit indices and multiplies with cuSPARSELt/CUTLASS kernels. CPUs have no such
+kernels: there the weights stay dense.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_2_4(weight: torch.Tensor) -> bool:
+    """Whether every group of 4 consecutive weights along a row holds at most 2 nonzeros."""
+    rows, cols = weight.shape
+    if cols % 4:
+        return False
+    return bool(((weight != 0).reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
+
+
+def to_semi_structured(linear: nn.Linear) -> nn.Linear:
+    """Replace a 2:4-pruned CUDA fp16/bf16 Linear's weight with a semi-structured sparse tensor (in place)."""
+    weight = linear.weight.detach()
+    if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"semi-structured sparsity needs a CUDA fp16/bf16 weight, not {weight.device} {weight.dtype}"
+        )
+    if not is_2_4(weight):
+        raise ValueError("weight is not 2:4 sparse: prune it with pattern=2:4 first")
+    from torch.sparse import to_sparse_semi_structured
+
+    linear.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+    return linear
