@@ -31,6 +31,11 @@ def summary_table(results: dict) -> Table:
         f"{params['nonzero']:,} of {params['total']:,} params nonzero, {params['trainable']:,} trained | "
         f"eval {t['eval']:.1f}s, total {t['total']:.1f}s"
     )
+    layers = results.get("prune", {}).get("layer_targets")
+    if layers and results["prune"].get("allocation") != "uniform":
+        table.caption += (
+            f" | {results['prune']['allocation']} block sparsities {min(layers):.3f}-{max(layers):.3f}"
+        )
     return table
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sppx.data import TextFiles, consecutive_windows, encode_documents
 from sppx.evaluate import perplexity
 from sppx.pipeline import run
+from sppx.summary import summary_table
 from tests.conftest import compose_config, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,7 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
         calib["source"] == str(own) and calib["windows"] == 8 and calib["seqlen"] == 32 and calib["seed"] == 0
     )
     assert results["data"]["calibration"]["digest"] == calib["digest"]
+    assert f"owl block sparsities {min(targets):.3f}-{max(targets):.3f}" in summary_table(results).caption
 
     # Another seed draws other windows; the default source is the corpus's own calibration part.
     other = run(
