@@ -1,6 +1,8 @@
-"""Step time of SPP tuning, side by side in one process: a plain forward of the pruned model, and
-full training steps (forward + backward + AdamW) with SPP's dropout branch, with the fused
-(dropout 0) path, and with gradient checkpointing. Prints seconds per step and ratios.
+"""Step time of recovery tuning, side by side in one process: a plain forward of the pruned model, and
+full training steps (forward + backward + AdamW) with SPP's dropout branch, its fused (dropout 0) and
+grouped (memory-lean) forms, gradient checkpointing, and the LoRA baselines (peft LoRA, masked LoRA)
+on the same modules. Prints seconds per step and ratios. (Peak memory is not measured here: in one
+process the allocator's reuse makes each row's RSS depend on the rows before it.)
 
     python scripts/bench_spp.py                    # SmolLM2-135M, batch 4 x 256
     python scripts/bench_spp.py --model tiny-llama --steps 5
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from sppx.adapters import SPPAdapter
+from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, SPPAdapter
 from sppx.evaluate import next_token_nll
 from sppx.models import EmbeddedModel, TinyLlama
 from sppx.module import TuneConfig, TuneModule
@@ -32,9 +34,9 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(base, ids, dropout: float, checkpointing: bool):
+def train_step_fn(base, ids, adapter, checkpointing: bool = False):
     model = copy.deepcopy(base)
-    SPPAdapter(dropout=dropout).apply(model)
+    adapter.apply(model)
     TuneModule(model, TuneConfig(gradient_checkpointing=checkpointing))  # sets up checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -70,12 +72,15 @@ def main() -> None:
             model(input_ids=ids, use_cache=False)
 
     rows = [("forward (pruned model, no grad)", timed(forward, args.steps))]
-    for label, dropout, ckpt in [
-        ("SPP train step, dropout 0.05 (two branches)", 0.05, False),
-        ("SPP train step, dropout 0 (fused matmul)", 0.0, False),
-        ("SPP train step, dropout 0.05 + grad checkpointing", 0.05, True),
+    for label, adapter, ckpt in [
+        ("SPP train step, dropout 0.05 (two branches)", SPPAdapter(dropout=0.05), False),
+        ("SPP train step, dropout 0 (fused matmul)", SPPAdapter(dropout=0.0), False),
+        ("SPP train step, dropout 0.05, grouped forward", SPPAdapter(dropout=0.05, grouped=True), False),
+        ("SPP train step, dropout 0.05 + grad checkpointing", SPPAdapter(dropout=0.05), True),
+        ("LoRA (peft) r=8 train step, dropout 0.05", LoRAAdapter(dropout=0.05), False),
+        ("masked LoRA r=8 train step, dropout 0.05", MaskedLoRAAdapter(dropout=0.05), False),
     ]:
-        rows.append((label, timed(train_step_fn(model, ids, dropout, ckpt), args.steps)))
+        rows.append((label, timed(train_step_fn(model, ids, adapter, ckpt), args.steps)))
 
     base = rows[0][1]
     tokens = args.batch * args.seqlen

@@ -280,6 +280,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
 
     # Tune (only adapter parameters train), then merge and verify.
     trainable = 0
+    dense_merge = p.tunes and not p.adapter.keeps_zeros  # e.g. LoRA: the merge fills the zeros in
+    before_merge = sparsity_report(model, p.pruner.targets)["measured"] if dense_merge else None
     if p.tunes:
         p.adapter.apply(model)
         trainable = parameter_counts(model)["trainable"]
@@ -289,7 +291,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         with watch("merge"):
             p.adapter.merge(model)
     with watch("merge"):
-        zeros_checked = verify_model_zeros(model, masks)
+        zeros_checked = 0 if dense_merge else verify_model_zeros(model, masks)
     model.requires_grad_(False)
     ppl["final"] = measure("final") if p.tunes or ppl["pruned"] is None else ppl["pruned"]
 
@@ -298,10 +300,18 @@ def execute(p: Plan, progress: bool = True) -> dict:
     if p.export:
         with watch("export"):
             model_dir = save_model(model, tokenizer, p.output_dir / "model")
-            verify_saved_zeros(model_dir, masks)
+            if not dense_merge:
+                verify_saved_zeros(model_dir, masks)
 
     targets = p.pruner.targets
     report = sparsity_report(model, targets)
+    if dense_merge and before_merge - report["measured"] > 0:
+        log.warning(
+            "adapter %s merged densely: sparsity %.4f -> %.4f",
+            p.adapter.name,
+            before_merge,
+            report["measured"],
+        )
     counts = parameter_counts(model)
     watch.times["total"] = time.perf_counter() - start
     results = {
@@ -319,6 +329,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
             "pattern": p.pattern.label,
             "requested": p.sparsity,
             "zeros_verified": zeros_checked,
+            "before_merge": before_merge if dense_merge else report["measured"],
+            "lost_in_merge": before_merge - report["measured"] if dense_merge else 0.0,
             "per_type": report["per_type"],
             "per_layer": report["per_layer"],
             "per_module": report["per_module"],

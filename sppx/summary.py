@@ -31,6 +31,10 @@ def summary_table(results: dict) -> Table:
         f"{params['nonzero']:,} of {params['total']:,} params nonzero, {params['trainable']:,} trained | "
         f"eval {t['eval']:.1f}s, total {t['total']:.1f}s"
     )
+    if sp.get("lost_in_merge"):
+        table.caption += (
+            f" | the merge lost {sp['lost_in_merge']:.4f} sparsity (from {sp['before_merge']:.4f})"
+        )
     layers = results.get("prune", {}).get("layer_targets")
     if layers and results["prune"].get("allocation") != "uniform":
         table.caption += (

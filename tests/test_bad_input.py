@@ -65,6 +65,11 @@ BAD = [
         ["data.calibration=/no/such/calib.txt"],
         r"^data\.calibration='/no/such/calib\.txt': allowed: calibration, tuning, c4, or a path to a readable",
     ),
+    (["adapter=lora", "adapter.r=0"], r"^adapter\.r=0: must be an integer >= 1$"),
+    (
+        ["adapter=masked_lora", "adapter.targets=[nothing]"],
+        r"^adapter\.targets=\['nothing'\]: match no Linear of the model$",
+    ),
     (["data.calibration=''"], r"^data\.calibration='': allowed: calibration, tuning, c4, or a path"),
 ]
 

@@ -165,3 +165,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_forward_gives_the_same_outputs_and_gradients():
+    base = sparse_linear()
+    plain = trained_factors(SPPLinear(copy.deepcopy(base), rows=8, scale=2.0, dropout=0.0))
+    grouped = SPPLinear(copy.deepcopy(base), rows=8, scale=2.0, dropout=0.0, grouped=True)
+    grouped.load_state_dict(plain.state_dict())  # the same factors
+    x = torch.randn(2, 5, 48)
+    y_plain, y_grouped = plain(x), grouped(x)
+    torch.testing.assert_close(y_grouped, y_plain, rtol=1e-5, atol=1e-5)
+    y_plain.square().sum().backward()
+    y_grouped.square().sum().backward()
+    torch.testing.assert_close(grouped.A.grad, plain.A.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grouped.b.grad, plain.b.grad, rtol=1e-4, atol=1e-5)
+    # With dropout the grouped form is the two-branch form with the same mask.
+    drop = trained_factors(
+        SPPLinear(copy.deepcopy(base), rows=8, scale=2.0, dropout=0.3, grouped=True)
+    ).train()
+    torch.manual_seed(5)
+    y = drop(x)
+    torch.manual_seed(5)
+    expected = base(x) + 2.0 * nn.functional.linear(drop.dropout(x), base.weight * drop.row_factors())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert SPPAdapter(grouped=True).grouped and load_adapter is not None

@@ -4,6 +4,7 @@ them back into plain Linears (``merge``), and saves its weights beside the confi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,11 +12,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sppx.errors import require
+from sppx.errors import is_int, is_number, require
 from sppx.pruning.base import PROJECTIONS
+from sppx.pruning.sequential import prunable_linears
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+
+
+def check_scale_args(r, alpha, dropout) -> None:
+    """The LoRA-style settings every low-rank adapter shares: rank r, scale alpha / r, dropout."""
+    require(is_int(r) and r >= 1, "adapter.r", r, "must be an integer >= 1")
+    require(is_number(alpha) and math.isfinite(alpha), "adapter.alpha", alpha, "must be a finite number")
+    require(is_number(dropout) and 0 <= dropout < 1, "adapter.dropout", dropout, "must be a number in [0, 1)")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -28,6 +37,7 @@ class Adapter:
     targets: list = field(default_factory=lambda: list(PROJECTIONS))
 
     name = "base"
+    keeps_zeros = True  # whether merging leaves every zero of the pruned weights at exactly 0.0
 
     def __post_init__(self):
         require(
@@ -52,18 +62,57 @@ class Adapter:
     def wrapped(self, model: nn.Module) -> dict[str, nn.Module]:
         return {}
 
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable adapter tensors by a stable name (``<module>.<tensor>``)."""
+        return {}
+
     def save(self, model: nn.Module, directory: Path) -> None:
         """``adapter_config.json`` (which rebuilds this adapter) beside ``adapter.safetensors``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps({"type": self.name, **asdict(self)}, indent=2))
-        state = {
-            f"{name}.{p}": t.detach().cpu().contiguous()
+        state = {key: t.detach().cpu().contiguous() for key, t in self.state(model).items()}
+        if state:
+            save_file(state, str(directory / WEIGHTS_FILE))
+
+
+@dataclass
+class WrappingAdapter(Adapter):
+    """An adapter that replaces each targeted Linear by a ``wrapper`` module built by ``wrap``: the
+    wrapper keeps the Linear as ``.base``, lists its tensors in ``adapter_state()`` and folds itself
+    into one weight in ``merged_weight()``."""
+
+    wrapper = nn.Module
+
+    def wrap(self, linear: nn.Linear) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> list[str]:
+        model.requires_grad_(False)
+        linears = prunable_linears(model, self.targets)
+        self.check_shapes({n: tuple(lin.weight.shape) for n, lin in linears.items()})
+        for name, linear in linears.items():
+            replace_module(model, name, self.wrap(linear).train(linear.training))
+        return list(linears)
+
+    def wrapped(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, self.wrapper)}
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{p}": t
             for name, mod in self.wrapped(model).items()
             for p, t in mod.adapter_state().items()
         }
-        if state:
-            save_file(state, str(directory / WEIGHTS_FILE))
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> list[str]:
+        merged = []
+        for name, mod in self.wrapped(model).items():
+            mod.base.weight.copy_(mod.merged_weight())
+            replace_module(model, name, mod.base)
+            merged.append(name)
+        return merged
 
 
 def load_adapter(model: nn.Module, directory: Path) -> Adapter:
@@ -76,11 +125,10 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     names = adapter.apply(model)
     weights_path = Path(directory) / WEIGHTS_FILE
     if names:
-        state = load_file(str(weights_path))
+        saved = load_file(str(weights_path))
         with torch.no_grad():
-            for name, mod in adapter.wrapped(model).items():
-                for p, t in mod.adapter_state().items():
-                    t.copy_(state[f"{name}.{p}"])
+            for key, t in adapter.state(model).items():
+                t.copy_(saved[key])
     return adapter
 
 

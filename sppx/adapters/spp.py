@@ -8,6 +8,11 @@ elementwise by A[o // (out // rows)] and by b[o]:
 
 Every zero of W stays exactly zero, so the sparsity ratio and any N:M pattern survive the merge.
 b starts at zero, so training starts exactly at the pruned model.
+
+Three forward forms compute the same function: ``fused`` (one matmul with the merged weight; used when
+there is no dropout or in eval mode), ``two_branch`` (x W^T plus the adapter branch on dropout(x),
+which builds the out x in factor matrix) and ``grouped``, the memory-lean form that never builds an
+out x in matrix: the rows split into ``rows`` groups, y_g = (x * A[g]) W_g^T, then times b.
 """
 
 from __future__ import annotations
@@ -19,21 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sppx.adapters.base import Adapter, replace_module
-from sppx.errors import ConfigError, is_int, is_number, require
-from sppx.pruning.sequential import prunable_linears
+from sppx.adapters.base import WrappingAdapter, check_scale_args
+from sppx.errors import ConfigError, is_int, require
 
 
 class SPPLinear(nn.Module):
     """A frozen Linear with SPP's row/column factors."""
 
-    def __init__(self, base: nn.Linear, rows: int, scale: float, dropout: float):
+    def __init__(self, base: nn.Linear, rows: int, scale: float, dropout: float, grouped: bool = False):
         super().__init__()
         out_features, in_features = base.weight.shape
         if out_features % rows:
             raise ValueError(f"SPP rows={rows} must divide the output width {out_features}")
         self.base = base.requires_grad_(False)
-        self.rows, self.scale = rows, scale
+        self.rows, self.scale, self.grouped = rows, scale, grouped
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.A = nn.Parameter(torch.empty(rows, in_features, dtype=torch.float32, device=base.weight.device))
         self.b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=base.weight.device))
@@ -50,8 +54,18 @@ class SPPLinear(nn.Module):
         """rep(A) * b[:, None]: the (out x in) elementwise factor, in fp32."""
         return self.A.repeat_interleave(self.base.out_features // self.rows, dim=0) * self.b[:, None]
 
+    def grouped_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """x (W * rep(A) * b)^T without an out x in temporary: one (x * A[g]) W_g^T per row group."""
+        w = self.base.weight
+        groups = w.view(self.rows, w.shape[0] // self.rows, w.shape[1])
+        A = self.A.to(x.dtype)
+        y = torch.cat([F.linear(x * A[g], groups[g]) for g in range(self.rows)], dim=-1)
+        return y * self.b.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base.weight
+        if self.grouped:
+            return self.base(x) + self.scale * self.grouped_branch(self.dropout(x))
         factors = self.row_factors().to(w.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # No dropout: one matmul with W * (1 + s * factors), the same function as the two-branch form.
@@ -70,32 +84,23 @@ class SPPLinear(nn.Module):
 
 
 @dataclass
-class SPPAdapter(Adapter):
+class SPPAdapter(WrappingAdapter):
     """``adapter=spp``. ``rows`` learnable rows of A; scale = alpha / r (r as in a LoRA config)."""
 
     rows: int = 16
     alpha: float = 16.0
     r: int = 8
     dropout: float = 0.05
+    grouped: bool = False  # memory-lean forward: no out x in temporary, `rows` smaller matmuls instead
 
     name = "spp"
+    wrapper = SPPLinear
 
     def __post_init__(self):
         super().__post_init__()
         require(is_int(self.rows) and self.rows >= 1, "adapter.rows", self.rows, "must be an integer >= 1")
-        require(is_int(self.r) and self.r >= 1, "adapter.r", self.r, "must be an integer >= 1")
-        require(
-            is_number(self.alpha) and math.isfinite(self.alpha),
-            "adapter.alpha",
-            self.alpha,
-            "must be a finite number",
-        )
-        require(
-            is_number(self.dropout) and 0 <= self.dropout < 1,
-            "adapter.dropout",
-            self.dropout,
-            "must be a number in [0, 1)",
-        )
+        check_scale_args(self.r, self.alpha, self.dropout)
+        require(isinstance(self.grouped, bool), "adapter.grouped", self.grouped, "must be true or false")
 
     @property
     def scale(self) -> float:
@@ -110,23 +115,5 @@ class SPPAdapter(Adapter):
                     "adapter.rows", self.rows, f"must divide the output width {out_features} of {name}"
                 )
 
-    def apply(self, model: nn.Module) -> list[str]:
-        model.requires_grad_(False)
-        linears = prunable_linears(model, self.targets)
-        self.check_shapes({n: tuple(lin.weight.shape) for n, lin in linears.items()})
-        for name, linear in linears.items():
-            wrapper = SPPLinear(linear, self.rows, self.scale, self.dropout)
-            replace_module(model, name, wrapper.train(linear.training))
-        return list(linears)
-
-    def wrapped(self, model: nn.Module) -> dict[str, SPPLinear]:
-        return {n: m for n, m in model.named_modules() if isinstance(m, SPPLinear)}
-
-    @torch.no_grad()
-    def merge(self, model: nn.Module) -> list[str]:
-        merged = []
-        for name, mod in self.wrapped(model).items():
-            mod.base.weight.copy_(mod.merged_weight())
-            replace_module(model, name, mod.base)
-            merged.append(name)
-        return merged
+    def wrap(self, linear: nn.Linear) -> SPPLinear:
+        return SPPLinear(linear, self.rows, self.scale, self.dropout, self.grouped)

@@ -1,0 +1,125 @@
+"""LoRA baselines for recovery: plain LoRA (through the ``peft`` library) and masked LoRA.
+
+LoRA learns W + s * B A (B: out x r, zero at start; A: r x in; s = alpha / r). Its merge is dense: the
+zeros of a pruned W fill in, and the run reports how much sparsity the merge destroyed. Masked LoRA
+multiplies the update by W's keep-mask, W' = W + s * (B A) * mask, so every zero survives the merge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
+from sppx.errors import ConfigError
+from sppx.pruning.sequential import prunable_linears
+
+
+class MaskedLoRALinear(nn.Module):
+    """A frozen Linear plus s * (B A) * mask, the mask being where W is nonzero when wrapped."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        self.base = base.requires_grad_(False)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.A = nn.Parameter(torch.empty(r, in_features, dtype=torch.float32, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.register_buffer("mask", base.weight.detach() != 0, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A, "B": self.B}
+
+    def delta(self) -> torch.Tensor:
+        """s * (B A) * mask, the (out x in) update, in fp32."""
+        return self.scale * (self.B @ self.A) * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(self.dropout(x), self.delta().to(x.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        if not (torch.isfinite(self.A).all() and torch.isfinite(self.B).all()):
+            raise FloatingPointError("masked LoRA factors are not finite; refusing to merge")
+        return (self.base.weight.float() + self.delta()).to(self.base.weight.dtype)
+
+
+@dataclass
+class LowRankArgs(Adapter):
+    """The settings LoRA and masked LoRA share: rank ``r``, scale ``alpha / r`` and adapter dropout."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_scale_args(self.r, self.alpha, self.dropout)
+
+    def check_shapes(self, linears) -> None:
+        if not linears:
+            raise ConfigError("adapter.targets", self.targets, "match no Linear of the model")
+
+
+@dataclass
+class MaskedLoRAAdapter(WrappingAdapter, LowRankArgs):
+    """``adapter=masked_lora``: LoRA whose update is masked by the pruned weight's zeros."""
+
+    name = "masked_lora"
+    wrapper = MaskedLoRALinear
+    keeps_zeros = True
+
+    def wrap(self, linear: nn.Linear) -> MaskedLoRALinear:
+        return MaskedLoRALinear(linear, self.r, self.alpha / self.r, self.dropout)
+
+
+@dataclass
+class LoRAAdapter(LowRankArgs):
+    """``adapter=lora``: peft's LoRA injected into the targeted Linears. The merge is dense."""
+
+    name = "lora"
+    keeps_zeros = False
+
+    def apply(self, model: nn.Module) -> list[str]:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model.requires_grad_(False)
+        names = list(prunable_linears(model, self.targets))
+        self.check_shapes(names)
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
+        inject_adapter_in_model(config, model)
+        return names
+
+    def wrapped(self, model: nn.Module) -> dict[str, nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{part}": getattr(mod, f"lora_{part}")["default"].weight
+            for name, mod in self.wrapped(model).items()
+            for part in ("A", "B")
+        }
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> list[str]:
+        merged = []
+        for name, mod in self.wrapped(model).items():
+            mod.merge(safe_merge=True)  # raises on non-finite weights
+            replace_module(model, name, mod.get_base_layer())
+            merged.append(name)
+        if hasattr(model, "peft_config"):  # left by peft's injection; the model is plain again
+            del model.peft_config
+        return merged
