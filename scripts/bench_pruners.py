@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         patterns = [(text, *parse_pattern(text)) for text in args.patterns]
-    except (ValueError, Exception) as err:
+    except Exception as err:  # any parse failure is a usage error
         sys.exit(f"bench_pruners: error: --patterns: {err} (allowed: N:M, 60%, 0.6)")
 
     console = Console(width=150)
