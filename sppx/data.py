@@ -94,8 +94,8 @@ class Corpus:
             return tokens.streams[self.calibration]
         if self.calibration == "c4":
             return encode_documents(tokenizer, c4_documents(cache_dir))
-        text = Path(os.path.expanduser(self.calibration)).read_text(encoding="utf-8", errors="replace")
-        return encode_documents(tokenizer, [b.strip() for b in text.split("\n\n") if b.strip()])
+        blocks = text_blocks(Path(os.path.expanduser(self.calibration)))
+        return encode_documents(tokenizer, [b for b in blocks if b])
 
     def fingerprint(self) -> str:
         """Identifies the source's content, for the split cache."""
@@ -154,6 +154,11 @@ def write_json_atomic(path: Path, obj) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=1)
     os.replace(tmp, path)
+
+
+def text_blocks(path: Path) -> list[str]:
+    """A UTF-8 text file's blank-line-separated blocks, stripped (empty ones kept, so indices are stable)."""
+    return [b.strip() for b in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
 
 
 def _file_digest(path: Path) -> str:
@@ -236,8 +241,7 @@ class TextFiles(Corpus):
     def documents(self) -> list[tuple[str, str]]:
         docs = []
         for path in self._files():
-            blocks = [b.strip() for b in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
-            docs += [(f"{path}#{i}", b) for i, b in enumerate(blocks) if b]
+            docs += [(f"{path}#{i}", b) for i, b in enumerate(text_blocks(path)) if b]
         return docs
 
 
