@@ -7,6 +7,9 @@ into disjoint parts: ``calibration`` (pruning statistics), ``validation`` (``val
 Calibration windows come from the ``calibration`` part by default; ``data.calibration`` can instead
 name the tuning part, C4 (the reference setup of Wanda and SparseGPT; needs internet once, then it is
 cached) or a text file of the user's.
+
+Tuning uses the ``tuning`` part as language-modelling windows by default; ``data.tuning`` can instead name
+an Alpaca ``.json`` / ``.jsonl`` file of instructions (see ``sppx.instructions``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.errors import ConfigError, require, require_positive_int
+from sppx.instructions import LOSS_ON, SUFFIXES, TEMPLATES, Examples, load_alpaca, tokenize_examples
 from sppx.wikitext import clean_wikitext, iter_articles
 
 log = logging.getLogger(__name__)
 
 PARTS = ("calibration", "validation", "evaluation", "tuning")
 CALIBRATION_SOURCES = ("calibration", "tuning", "c4")  # or a path to a text file
+TUNING_SOURCES = ("text",)  # or a path to an Alpaca .json / .jsonl file
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard Wanda and SparseGPT calibrate on
 C4_DOCUMENTS = 5000  # documents read (streamed) from its start
 _SPLIT_VERSION = 1  # bump when cleaning or splitting changes, so caches are rebuilt
@@ -48,6 +53,9 @@ class Corpus:
     batch_size: int = 4  # tuning batch
     val_windows: int = 8  # validation windows used for val/ppl (null: all)
     split: dict = field(default_factory=lambda: {"calibration": 0.1, "validation": 0.05, "evaluation": 0.15})
+    tuning: str = "text"  # text (the tuning part, as windows) | a path to an Alpaca .json / .jsonl file
+    instruction_loss: str = "response"  # instruction examples learn: response (the output) | all tokens
+    template: str = "alpaca"  # the prompt instruction examples are written in
 
     def __post_init__(self):
         require_positive_int("data.seqlen", self.seqlen, minimum=2)
@@ -70,6 +78,30 @@ class Corpus:
         for part, frac in self.split.items():
             require(isinstance(frac, float) and 0 < frac < 1, f"data.split.{part}", frac, "must be in (0, 1)")
         require(sum(self.split.values()) < 1, "data.split", self.split, "fractions must sum to less than 1")
+        require(
+            isinstance(self.tuning, str)
+            and (self.tuning in TUNING_SOURCES or self.tuning.lower().endswith(SUFFIXES)),
+            "data.tuning",
+            self.tuning,
+            f"allowed: {', '.join(TUNING_SOURCES)}, or a path to an Alpaca .json or .jsonl file",
+        )
+        require(
+            isinstance(self.instruction_loss, str) and self.instruction_loss in LOSS_ON,
+            "data.instruction_loss",
+            self.instruction_loss,
+            f"allowed: {', '.join(LOSS_ON)}",
+        )
+        require(
+            isinstance(self.template, str) and self.template in TEMPLATES,
+            "data.template",
+            self.template,
+            f"allowed: {', '.join(TEMPLATES)}",
+        )
+
+    @property
+    def instruction_tuning(self) -> bool:
+        """Whether tuning reads an instruction file (``data.tuning`` is a path) rather than the text."""
+        return self.tuning not in TUNING_SOURCES
 
     # --- what subclasses provide
     def check(self) -> None:
@@ -87,6 +119,28 @@ class Corpus:
                 self.calibration,
                 f"allowed: {', '.join(CALIBRATION_SOURCES)}, or a path to a readable text file",
             )
+
+    def check_tuning(self) -> None:
+        """When ``data.tuning`` is a path: check that it is a readable, well-formed Alpaca file (before any
+        weights are read); raises ConfigError naming ``data.tuning``."""
+        if not self.instruction_tuning:
+            return
+        path = Path(os.path.expanduser(self.tuning))
+        require(
+            path.is_file() and os.access(path, os.R_OK),
+            "data.tuning",
+            self.tuning,
+            "must be a readable Alpaca .json or .jsonl file (or text: the corpus's tuning part)",
+        )
+        load_alpaca(self.tuning)
+
+    def tuning_examples(self, tokenizer) -> Examples:
+        """The instruction examples of ``data.tuning`` as ``(input_ids, labels)`` pairs of at most
+        ``data.seqlen`` tokens (see ``sppx.instructions.tokenize_examples``)."""
+        require(self.instruction_tuning, "data.tuning", self.tuning, "names no instruction file")
+        return tokenize_examples(
+            load_alpaca(self.tuning), tokenizer, self.seqlen, self.instruction_loss, self.template
+        )
 
     def calibration_stream(self, tokens: TokenizedCorpus, tokenizer, cache_dir: Path | None) -> torch.Tensor:
         """The token stream calibration windows are drawn from (see ``data.calibration``)."""

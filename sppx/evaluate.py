@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 from sppx.errors import require, require_positive_int
 
 
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood (fp32) and the number of predicted tokens."""
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood (fp32) and the number of predicted tokens. ``labels``
+    are the input ids, or ids with -100 where no prediction is scored (prompts, padding)."""
     pred = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-    target = input_ids[:, 1:].reshape(-1)
-    return F.cross_entropy(pred, target, reduction="sum"), target.numel()
+    target = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(pred, target, reduction="sum", ignore_index=-100), int((target != -100).sum())
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -61,6 +62,15 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(input_ids, attention_mask, labels) from a text batch ``(input_ids,)`` (every token is a label,
+    no padding) or an instruction batch ``(input_ids, attention_mask, labels)``."""
+    if len(batch) == 1:
+        return batch[0], None, batch[0]
+    input_ids, attention_mask, labels = batch
+    return input_ids, attention_mask, labels
+
+
 class TuneModule(pl.LightningModule):
     """Trains only the parameters left with ``requires_grad`` (the adapter's); logs train/loss,
     train/lr and val/ppl (validation windows, the evaluation protocol's arithmetic)."""
@@ -72,18 +82,39 @@ class TuneModule(pl.LightningModule):
         self.teacher = teacher or NoTeacher()
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
+        self.step_times: list[float] = []  # seconds per training batch (forward, backward, step)
         if tune.gradient_checkpointing:
             enable_activation_checkpointing(model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.step_times.append(time.perf_counter() - self._step_start)
+
+    def on_fit_start(self):
+        self.teacher.begin(int(self.trainer.estimated_stepping_batches))
+
+    def on_fit_end(self):
+        self.teacher.finish()
+
     def training_step(self, batch, batch_idx):
-        (input_ids,) = batch
-        logits = self.model(input_ids=input_ids, use_cache=False).logits
-        nll, count = next_token_nll(logits, input_ids)
-        lm_loss = nll / count
-        loss, extra = self.teacher.loss(self.model, input_ids, logits, lm_loss)
+        input_ids, attention_mask, labels = unpack_batch(batch)
+        self.teacher.before_step(self.global_step)
+        teacher_out = self.teacher.teacher_outputs(self.model, input_ids, attention_mask)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=self.teacher.wants_hidden,
+        )
+        nll, count = next_token_nll(out.logits, labels)
+        lm_loss = nll / max(count, 1)
+        loss, extra = self.teacher.loss(out, teacher_out, lm_loss, attention_mask)
+        del teacher_out
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)

@@ -37,12 +37,14 @@ from sppx.data import (
 from sppx.errors import ConfigError, is_int, require, require_fraction, require_positive_int
 from sppx.evaluate import EvalConfig, perplexity
 from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
+from sppx.instructions import InstructionDataModule, pad_token_id
+from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig, TuneModule
-from sppx.profiling import PeakMemory, Stopwatch
+from sppx.profiling import PeakMemory, Stopwatch, release_freed_memory
 from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
 from sppx.pruning.owl import layer_sparsities
-from sppx.pruning.sequential import prunable_linears
+from sppx.pruning.sequential import DenseKeeper, prunable_linears
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,8 @@ def plan(cfg: DictConfig) -> Plan:
             sparsity,
         )
     p.corpus.check()
+    if p.tunes:
+        p.corpus.check_tuning()
 
     model_config = p.model.model_config()
     context = getattr(model_config, "max_position_embeddings", None)
@@ -201,7 +205,43 @@ def plan(cfg: DictConfig) -> Plan:
             p.corpus.check_calibration(p.cache_dir)
     if p.tunes:
         p.adapter.check_shapes(linear_shapes(model_config, p.adapter.targets))
+    check_teacher(p)
     return p
+
+
+def check_teacher(p: Plan) -> None:
+    """A teacher needs tuning; dense and numerous teachers need a pruner that only masks (the dense
+    weights are the teacher); numerous needs a pruner score to nest its masks by."""
+    teacher, pruner = p.teacher, p.pruner
+    if teacher.name == "none":
+        return
+    require(
+        p.tunes,
+        "teacher",
+        teacher.name,
+        "needs tuning: choose adapter=spp, lora or masked_lora and trainer.max_steps != 0 (or teacher=none)",
+    )
+    require(
+        not pruner.updates_weights,
+        "teacher",
+        teacher.name,
+        f"keeps the dense weights and masks them in the student's forward, but pruner={pruner.name} "
+        "rewrites the kept weights; use pruner=magnitude or wanda (or teacher=none)",
+    )
+    if teacher.nested:
+        require(
+            not isinstance(pruner, NoPruner),
+            "teacher",
+            teacher.name,
+            "ramps the sparsity up to the pruner's masks; choose pruner=magnitude or wanda",
+        )
+        require(
+            type(pruner).score is not Pruner.score,
+            "teacher",
+            teacher.name,
+            f"nests masks by the pruner's score; pruner={pruner.name} has none (use magnitude or wanda)",
+        )
+        teacher.check_target(p.target_sparsity)
 
 
 # --------------------------------------------------------------------------- execute
@@ -242,6 +282,11 @@ def execute(p: Plan, progress: bool = True) -> dict:
     masks: dict[str, torch.Tensor] = {}
     prune_info: dict = {"allocation": p.pruner.allocation, "layer_targets": None, "phases_s": {}}
     calibration: dict | None = None
+    # A distilling teacher is the same weights seen dense: keep them, and mask in the student's forward.
+    student_masks: StudentMasks | None = None
+    keeps_dense = p.teacher.needs_dense and p.tunes
+    mask_steps = p.teacher.levels_for(p.target_sparsity) if keeps_dense and p.teacher.nested else 0
+    keeper = DenseKeeper(p.pruner, mask_steps) if keeps_dense else None
     if not isinstance(p.pruner, NoPruner):
         calib = None
         if p.pruner.needs_calibration:
@@ -261,7 +306,14 @@ def execute(p: Plan, progress: bool = True) -> dict:
             with phases("OWL outliers"):
                 layer_targets = layer_sparsities(model, p.pruner, p.target_sparsity, calib, progress)
             masks = prune_model(
-                model, p.pruner, layer_targets, p.pattern, calib, progress=progress, watch=phases
+                model,
+                p.pruner,
+                layer_targets,
+                p.pattern,
+                calib,
+                progress=progress,
+                watch=phases,
+                keeper=keeper,
             )
         if p.pruner.allocation == "uniform":
             phases.times.pop("OWL outliers")
@@ -272,6 +324,10 @@ def execute(p: Plan, progress: bool = True) -> dict:
         )
         if peak.cuda_peak:
             prune_info["peak_cuda_mib"] = round(peak.cuda_peak / 2**20, 1)
+    if keeps_dense:
+        student_masks = StudentMasks.attach(model, masks, keeper.levels or None, mask_steps)
+        masks = student_masks.keeps()  # the target masks (shared with the modules, not copied)
+    release_freed_memory()
     pruned_changed = bool(masks)
     if p.eval.pruned:
         ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
@@ -280,16 +336,27 @@ def execute(p: Plan, progress: bool = True) -> dict:
 
     # Tune (only adapter parameters train), then merge and verify.
     trainable = 0
+    tune_info: dict = {}
     dense_merge = p.tunes and not p.adapter.keeps_zeros  # e.g. LoRA: the merge fills the zeros in
     before_merge = sparsity_report(model, p.pruner.targets)["measured"] if dense_merge else None
     if p.tunes:
         p.adapter.apply(model)
         trainable = parameter_counts(model)["trainable"]
-        with watch("tune"):
-            _tune(p, model, tokens, logger)
+        p.teacher.bind(model, student_masks, p.adapter, p.target_sparsity)
+        with watch("tune"), PeakMemory() as peak:
+            tune_info = _tune(p, model, tokenizer, tokens, logger)
+        tune_info.update(
+            peak_rss_mib=round(peak.rss_peak / 2**20, 1),
+            peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
+        )
+        if peak.cuda_peak:
+            tune_info["peak_cuda_mib"] = round(peak.cuda_peak / 2**20, 1)
         p.adapter.save(model, p.output_dir / "adapter")
         with watch("merge"):
             p.adapter.merge(model)
+    if student_masks is not None:
+        with watch("merge"):
+            student_masks.bake()
     with watch("merge"):
         zeros_checked = 0 if dense_merge else verify_model_zeros(model, masks)
     model.requires_grad_(False)
@@ -337,6 +404,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
         },
         "prune": prune_info,
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
+        "tune": tune_info,
+        "teacher": p.teacher.report(),
         "time_s": {
             k: round(watch.times.get(k, 0.0), 3)
             for k in ("load", "prune", "tune", "merge", "eval", "export", "total")
@@ -377,12 +446,22 @@ def _ppl(entry: dict | None) -> float | None:
     return None if entry is None else entry["ppl"]
 
 
-def _tune(p: Plan, model, tokens: TokenizedCorpus, logger) -> None:
+def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger) -> dict:
     seqlen = p.corpus.seqlen
-    train = consecutive_windows(tokens.streams["tuning"], seqlen)
     val = consecutive_windows(tokens.streams["validation"], seqlen, p.corpus.val_windows)
-    require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
-    datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
+    info: dict = {"data": p.corpus.tuning}
+    if p.corpus.instruction_tuning:
+        examples = p.corpus.tuning_examples(tokenizer)
+        info.update(
+            examples=len(examples), examples_dropped=examples.dropped, loss_on=p.corpus.instruction_loss
+        )
+        datamodule = InstructionDataModule(
+            examples, val, p.corpus.batch_size, p.seed, pad_id=pad_token_id(tokenizer)
+        )
+    else:
+        train = consecutive_windows(tokens.streams["tuning"], seqlen)
+        require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
+        datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
     module = TuneModule(model, p.tune, p.teacher)
     callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
     if p.cfg.trainer.get("enable_progress_bar", True) and not any(
@@ -395,6 +474,12 @@ def _tune(p: Plan, model, tokens: TokenizedCorpus, logger) -> None:
     model.train()
     trainer.fit(module, datamodule=datamodule)
     model.eval()
+    times = sorted(module.step_times)
+    return {
+        **info,
+        "steps": int(trainer.global_step),
+        "step_time_s": round(times[len(times) // 2], 4) if times else None,  # median
+    }
 
 
 def run(cfg: DictConfig, progress: bool = True) -> dict:

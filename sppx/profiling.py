@@ -3,10 +3,11 @@ sampled in a background thread, and the CUDA allocator's peak when a GPU is in u
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -36,6 +37,13 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but kept by the C allocator back to the system (glibc ``malloc_trim``),
+    so the resident size reflects what is alive after a stage with many large temporaries (pruning)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakMemory:

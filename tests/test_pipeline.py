@@ -10,8 +10,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sppx.data import TextFiles, consecutive_windows, encode_documents
+from sppx.errors import ConfigError
 from sppx.evaluate import perplexity
-from sppx.pipeline import run
+from sppx.pipeline import plan, run
 from sppx.summary import summary_table
 from tests.conftest import compose_config, tiny_run_overrides
 
@@ -179,3 +180,23 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
     assert (
         default["prune"]["layer_targets"] == [0.5, 0.5] and "OWL outliers" not in default["prune"]["phases_s"]
     )
+
+
+def test_instruction_file_tunes_on_its_responses(tmp_path, text_file):
+    sample = Path(__file__).parent / "data" / "alpaca_sample.json"
+    cfg = compose_config(
+        tiny_run_overrides(text_file, **{"data.tuning": str(sample), "data.seqlen": 512}), tmp_path
+    )
+    results = run(cfg, progress=False)
+    assert results["tune"]["data"] == str(sample)
+    assert results["tune"]["examples"] == 8 and results["tune"]["loss_on"] == "response"
+    assert results["tune"]["steps"] == 6
+    assert results["sparsity"]["zeros_verified"] > 0
+
+
+def test_a_missing_instruction_file_fails_in_plan(tmp_path, text_file):
+    cfg = compose_config(
+        tiny_run_overrides(text_file, **{"data.tuning": str(tmp_path / "no.json")}), tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"data\.tuning"):
+        plan(cfg)

@@ -3,6 +3,7 @@ them back into plain Linears (``merge``), and saves its weights beside the confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -13,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sppx.errors import is_int, is_number, require
+from sppx.masking import MaskedLinear
 from sppx.pruning.base import PROJECTIONS
-from sppx.pruning.sequential import prunable_linears
+from sppx.pruning.sequential import prunable_linears, replace_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -25,11 +27,6 @@ def check_scale_args(r, alpha, dropout) -> None:
     require(is_int(r) and r >= 1, "adapter.r", r, "must be an integer >= 1")
     require(is_number(alpha) and math.isfinite(alpha), "adapter.alpha", alpha, "must be a finite number")
     require(is_number(dropout) and 0 <= dropout < 1, "adapter.dropout", dropout, "must be a number in [0, 1)")
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 @dataclass
@@ -61,6 +58,33 @@ class Adapter:
 
     def wrapped(self, model: nn.Module) -> dict[str, nn.Module]:
         return {}
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        """Switch the adapter off (the model computes as if unadapted) or back on."""
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module):
+        """The adapter switched off for the duration of the block (a teacher pass)."""
+        self.set_enabled(model, False)
+        try:
+            yield
+        finally:
+            self.set_enabled(model, True)
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        """The adapter's tensors temporarily replaced by ``state`` (a snapshot from ``state()``)."""
+        live = self.state(model)
+        saved = {key: t.detach().clone() for key, t in live.items()}
+        with torch.no_grad():
+            for key, t in live.items():
+                t.copy_(state[key])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, t in live.items():
+                    t.copy_(saved[key])
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trainable adapter tensors by a stable name (``<module>.<tensor>``)."""
@@ -98,6 +122,10 @@ class WrappingAdapter(Adapter):
     def wrapped(self, model: nn.Module) -> dict[str, nn.Module]:
         return {n: m for n, m in model.named_modules() if isinstance(m, self.wrapper)}
 
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        for mod in self.wrapped(model).values():
+            mod.enabled = enabled
+
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {
             f"{name}.{p}": t
@@ -109,8 +137,9 @@ class WrappingAdapter(Adapter):
     def merge(self, model: nn.Module) -> list[str]:
         merged = []
         for name, mod in self.wrapped(model).items():
-            mod.base.weight.copy_(mod.merged_weight())
-            replace_module(model, name, mod.base)
+            mod.base.weight.copy_(mod.merged_weight())  # the student's weight (masked) with the update
+            base = mod.base.baked() if isinstance(mod.base, MaskedLinear) else mod.base
+            replace_module(model, name, base)
             merged.append(name)
         return merged
 

@@ -16,11 +16,13 @@ from torch import nn
 
 from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
 from sppx.errors import ConfigError
+from sppx.masking import MaskedLinear, student_weight
 from sppx.pruning.sequential import prunable_linears
 
 
 class MaskedLoRALinear(nn.Module):
-    """A frozen Linear plus s * (B A) * mask, the mask being where W is nonzero when wrapped."""
+    """A frozen Linear plus s * (B A) * mask. The mask is the keep-mask of a MaskedLinear base (it follows
+    the student's masks), or where W is nonzero when a plain (pruned) Linear is wrapped."""
 
     def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float):
         super().__init__()
@@ -32,7 +34,13 @@ class MaskedLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, in_features, dtype=torch.float32, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.register_buffer("mask", base.weight.detach() != 0, persistent=False)
+        own_mask = None if isinstance(base, MaskedLinear) else base.weight.detach() != 0
+        self.register_buffer("nonzero", own_mask, persistent=False)
+        self.enabled = True  # False: the adapter is switched off (a teacher pass), the base Linear alone
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.base.keep if isinstance(self.base, MaskedLinear) else self.nonzero
 
     @property
     def weight(self) -> torch.Tensor:
@@ -46,13 +54,15 @@ class MaskedLoRALinear(nn.Module):
         return self.scale * (self.B @ self.A) * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + F.linear(self.dropout(x), self.delta().to(x.dtype))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         if not (torch.isfinite(self.A).all() and torch.isfinite(self.B).all()):
             raise FloatingPointError("masked LoRA factors are not finite; refusing to merge")
-        return (self.base.weight.float() + self.delta()).to(self.base.weight.dtype)
+        return (student_weight(self.base).float() + self.delta()).to(self.base.weight.dtype)
 
 
 @dataclass
@@ -113,12 +123,19 @@ class LoRAAdapter(LowRankArgs):
             for part in ("A", "B")
         }
 
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        for mod in self.wrapped(model).values():
+            mod.enable_adapters(enabled)
+
     @torch.no_grad()
     def merge(self, model: nn.Module) -> list[str]:
         merged = []
         for name, mod in self.wrapped(model).items():
+            base = mod.get_base_layer()
+            if isinstance(base, MaskedLinear):  # the student's weight is W * keep; LoRA adds B A to it
+                mod.base_layer = base = base.baked()
             mod.merge(safe_merge=True)  # raises on non-finite weights
-            replace_module(model, name, mod.get_base_layer())
+            replace_module(model, name, base)
             merged.append(name)
         if hasattr(model, "peft_config"):  # left by peft's injection; the model is plain again
             del model.peft_config

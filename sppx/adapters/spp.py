@@ -26,6 +26,7 @@ from torch import nn
 
 from sppx.adapters.base import WrappingAdapter, check_scale_args
 from sppx.errors import ConfigError, is_int, require
+from sppx.masking import forward_keep, masked_linear, student_weight
 
 
 class SPPLinear(nn.Module):
@@ -38,6 +39,7 @@ class SPPLinear(nn.Module):
             raise ValueError(f"SPP rows={rows} must divide the output width {out_features}")
         self.base = base.requires_grad_(False)
         self.rows, self.scale, self.grouped = rows, scale, grouped
+        self.enabled = True  # False: the adapter is switched off (a teacher pass), the base Linear alone
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.A = nn.Parameter(torch.empty(rows, in_features, dtype=torch.float32, device=base.weight.device))
         self.b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=base.weight.device))
@@ -56,21 +58,32 @@ class SPPLinear(nn.Module):
 
     def grouped_branch(self, x: torch.Tensor) -> torch.Tensor:
         """x (W * rep(A) * b)^T without an out x in temporary: one (x * A[g]) W_g^T per row group."""
-        w = self.base.weight
-        groups = w.view(self.rows, w.shape[0] // self.rows, w.shape[1])
+        w, keep = self.base.weight, forward_keep(self.base)
+        shape = (self.rows, w.shape[0] // self.rows, w.shape[1])
+        groups, keeps = w.view(shape), None if keep is None else keep.view(shape)
         A = self.A.to(x.dtype)
-        y = torch.cat([F.linear(x * A[g], groups[g]) for g in range(self.rows)], dim=-1)
+        y = torch.cat(
+            [
+                masked_linear(x * A[g], groups[g], None if keeps is None else keeps[g])
+                for g in range(self.rows)
+            ],
+            dim=-1,
+        )
         return y * self.b.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.base.weight
+        if not self.enabled:
+            return self.base(x)
         if self.grouped:
             return self.base(x) + self.scale * self.grouped_branch(self.dropout(x))
+        w, keep = self.base.weight, forward_keep(self.base)
         factors = self.row_factors().to(w.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            # No dropout: one matmul with W * (1 + s * factors), the same function as the two-branch form.
-            return F.linear(x, w + self.scale * (w * factors), self.base.bias)
-        return self.base(x) + self.scale * F.linear(self.dropout(x), w * factors)
+            # No dropout: one matmul with the merged weight W * (1 + s * factors) (* keep when masked).
+            factors = 1.0 + self.scale * factors
+            return F.linear(x, w * (factors if keep is None else factors * keep), self.base.bias)
+        branch = w * (factors if keep is None else factors * keep)
+        return self.base(x) + self.scale * F.linear(self.dropout(x), branch)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -79,7 +92,7 @@ class SPPLinear(nn.Module):
             raise FloatingPointError(
                 "SPP factors are not finite; refusing to merge (0 * inf would break sparsity)"
             )
-        w = self.base.weight.float()
+        w = student_weight(self.base).float()
         return (w * (1.0 + self.scale * self.row_factors())).to(self.base.weight.dtype)
 
 

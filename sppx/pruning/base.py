@@ -29,6 +29,7 @@ class Pruner:
 
     name = "base"
     collects_stats = False  # True: statistics of each Linear's inputs are collected block by block
+    updates_weights = False  # True: the kept weights are rewritten too (the mask alone is not the model)
 
     def __post_init__(self):
         require(
@@ -87,6 +88,11 @@ class Pruner:
     def new_stats(self, linear: nn.Linear):
         """A fresh statistics accumulator for ``linear`` (``.add(x)`` is fed every calibration input).
         Statistics depend on the inputs only, so Linears fed the same tensor share one accumulator."""
+        return None
+
+    def score(self, linear: nn.Linear, stats) -> torch.Tensor | None:
+        """The importance of every weight (low: pruned first), or None for a pruner without a fixed score.
+        Nested masks (the numerous-teacher schedule) order each row's pruned weights by it."""
         return None
 
     @torch.no_grad()

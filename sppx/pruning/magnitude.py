@@ -15,7 +15,10 @@ from sppx.pruning.masks import SparsityPattern, select_mask
 class MagnitudePruner(Pruner):
     name = "magnitude"
 
+    def score(self, linear: nn.Linear, stats) -> torch.Tensor:
+        return linear.weight.detach().abs().float()
+
     @torch.no_grad()
     def prune(self, linear: nn.Linear, stats, sparsity: float, pattern: SparsityPattern) -> torch.Tensor:
-        scores = linear.weight.detach().abs().float()
+        scores = self.score(linear, stats)
         return apply_mask(linear, select_mask(scores, sparsity, pattern, per_row=False))

@@ -61,6 +61,12 @@ def prunable_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linea
     }
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted module path ``name`` of ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
 # The order of true_sequential pruning inside a block (SparseGPT's option); other targets come last.
 SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -175,10 +181,17 @@ def capture_block_inputs(
 
 
 def run_blocks(
-    layers: nn.ModuleList, inputs, visit, progress: bool, desc: str, watch: Stopwatch | None = None
+    layers: nn.ModuleList,
+    inputs,
+    visit,
+    progress: bool,
+    desc: str,
+    watch: Stopwatch | None = None,
+    after=None,
 ) -> None:
     """Walk the decoder blocks in order: ``visit(i, block, inputs)`` (measure, prune) and then the
-    block's outputs over all calibration mini-batches become the next block's inputs."""
+    block's outputs over all calibration mini-batches become the next block's inputs; ``after(i)``
+    (optional) runs once they are computed."""
     watch = watch or Stopwatch()
     last = len(layers) - 1
     for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="block")):
@@ -186,6 +199,37 @@ def run_blocks(
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
                 inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        if after is not None:
+            after(i)
+
+
+class DenseKeeper:
+    """Keeps the dense weights through pruning: a block's weights are copied before its Linears are
+    pruned and written back once its (pruned) outputs are computed, so only one block is ever copied.
+    With ``steps``, the nested-mask levels of every pruned Linear are recorded from the pruner's scores."""
+
+    def __init__(self, pruner: Pruner, steps: int = 0):
+        self.pruner, self.steps = pruner, steps
+        self.levels: dict[str, torch.Tensor] = {}
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def prune(self, name: str, linear: nn.Linear, stats, sparsity: float, pattern: SparsityPattern):
+        from sppx.masking import nested_levels
+
+        self._saved.append((linear.weight, linear.weight.detach().clone()))
+        scores = self.pruner.score(linear, stats) if self.steps else None
+        if self.steps and scores is None:
+            raise ValueError(f"pruner {self.pruner.name} has no fixed score to order nested masks by")
+        keep = self.pruner.prune(linear, stats, sparsity, pattern)
+        if self.steps:
+            self.levels[name] = nested_levels(scores, keep, self.steps).cpu()
+        return keep
+
+    @torch.no_grad()
+    def restore(self, _block_index: int | None = None) -> None:
+        for weight, dense in self._saved:
+            weight.copy_(dense)
+        self._saved.clear()
 
 
 @torch.no_grad()
@@ -197,11 +241,14 @@ def prune_model(
     calibration: torch.Tensor | None = None,
     progress: bool = True,
     watch: Stopwatch | None = None,
+    keeper: DenseKeeper | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}``.
 
     ``sparsity`` is one fraction for every block, or one per block (a layer-wise allocation such as OWL).
     ``watch`` (optional) accumulates the time of each phase: capture, statistics, masks, block outputs.
+    With a ``keeper``, the masks are computed exactly the same way (each block still sees the pruned
+    blocks before it) but the weights are left dense; see :class:`DenseKeeper`.
     """
     watch = watch or Stopwatch()
     layers, prefix = decoder_layers(model), layers_prefix(model)
@@ -210,11 +257,20 @@ def prune_model(
         raise ValueError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder blocks")
     masks: dict[str, torch.Tensor] = {}
 
+    def prune_one(i: int, name: str, linear: nn.Linear, stats) -> None:
+        full = f"{prefix}.{i}.{name}"
+        if keeper is None:
+            masks[full] = pruner.prune(linear, stats, per_layer[i], pattern)
+        else:
+            masks[full] = keeper.prune(full, linear, stats, per_layer[i], pattern)
+
     if not pruner.collects_stats:
         for i, block in enumerate(tqdm(layers, desc=f"prune ({pruner.name})", disable=not progress)):
             for name, linear in block_linears(block, pruner.targets).items():
                 with watch("masks"):
-                    masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, None, per_layer[i], pattern)
+                    prune_one(i, name, linear, None)
+            if keeper is not None:
+                keeper.restore()
         return masks
 
     if calibration is None:
@@ -230,10 +286,18 @@ def prune_model(
                 stats = collect_stats(block, group_linears, pruner, inputs)
             with watch("masks"):
                 for name, linear in group_linears.items():
-                    masks[f"{prefix}.{i}.{name}"] = pruner.prune(linear, stats[name], per_layer[i], pattern)
+                    prune_one(i, name, linear, stats[name])
             del stats
 
     with watch("capture"):
         inputs = capture_block_inputs(model, calibration, pruner.batch_size)
-    run_blocks(layers, inputs, prune_block, progress, f"prune ({pruner.name})", watch)
+    run_blocks(
+        layers,
+        inputs,
+        prune_block,
+        progress,
+        f"prune ({pruner.name})",
+        watch,
+        after=keeper.restore if keeper is not None else None,
+    )
     return masks

@@ -139,6 +139,7 @@ class SparseGPTPruner(Pruner):
     percdamp: float = 0.01
 
     name = "sparsegpt"
+    updates_weights = True  # OBS updates rewrite the kept weights
     collects_stats = True
 
     def __post_init__(self):

@@ -111,11 +111,14 @@ class WandaPruner(Pruner):
     def new_stats(self, linear: nn.Linear) -> InputNorms:
         return InputNorms(linear.in_features, linear.weight.device)
 
+    def score(self, linear: nn.Linear, stats: InputNorms) -> torch.Tensor:
+        return wanda_scores(linear.weight, stats.norms)
+
     @torch.no_grad()
     def prune(
         self, linear: nn.Linear, stats: InputNorms, sparsity: float, pattern: SparsityPattern
     ) -> torch.Tensor:
-        scores = wanda_scores(linear.weight, stats.norms)
+        scores = self.score(linear, stats)
         if self.use_variant and not pattern.is_nm:
             keep, _alpha = cumulative_mask(scores, sparsity, self.variant_tolerance)
             return apply_mask(linear, keep)

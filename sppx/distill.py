@@ -1,0 +1,79 @@
+"""Knowledge-distillation losses: softened-logit KL and per-layer hidden-state MSE.
+
+Both are exactly zero when the student's outputs equal the teacher's, and both are averaged over the
+tokens a ``token_mask`` selects (all tokens when it is None).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _selected(t: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, d) -> (tokens, d), keeping the tokens ``token_mask`` (batch, seq) marks."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if token_mask is None else flat[token_mask.reshape(-1).bool()]
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    """KL(teacher || student) at temperature T, summed over tokens, in chunks of rows.
+
+    The gradient with respect to the student's logits, (softmax(s / T) - softmax(t / T)) / T, is computed
+    in the forward pass and kept: the loss is a leaf of the graph, so nothing else needs saving, and no
+    (tokens x vocabulary) temporary other than that gradient outlives a chunk (autograd would keep the
+    student's log-probabilities, the teacher's log-probabilities and several elementwise temporaries)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature: float, chunk_rows: int):
+        grad = torch.empty_like(student, dtype=torch.float32) if student.requires_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        for start in range(0, student.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            s_log = F.log_softmax(student[rows].float() / temperature, dim=-1)
+            t_log = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
+            t_prob = t_log.exp()
+            total += (t_prob * (t_log - s_log)).sum(dtype=torch.float64)
+            if grad is not None:
+                grad[rows] = (s_log.exp_() - t_prob) / temperature
+        ctx.grad = grad
+        return total.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = ctx.grad * grad_output
+        ctx.grad = None
+        return grad, None, None, None
+
+
+def logit_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    token_mask: torch.Tensor | None = None,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """KL(teacher || student) of the distributions softened by ``temperature``, times T^2 (so gradients
+    keep their scale across temperatures), averaged over tokens. Computed in fp32, ``chunk_rows`` tokens
+    at a time (see :class:`_SoftTargetKL` for the memory this saves)."""
+    s = _selected(student_logits, token_mask)
+    t = _selected(teacher_logits, token_mask).detach()
+    kl = _SoftTargetKL.apply(s, t, float(temperature), chunk_rows)
+    return kl * temperature**2 / max(s.shape[0], 1)
+
+
+def hidden_mse(
+    student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over layers of the relative squared error ||h_s - h_t||^2 / ||h_t||^2 of the hidden states
+    (the embeddings' output is skipped: it is never pruned). Relative, so layers whose activations are
+    large (outlier features) do not dominate the sum."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
+    terms = []
+    for hs, ht in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
+        s, t = _selected(hs, token_mask).float(), _selected(ht, token_mask).float()
+        terms.append(F.mse_loss(s, t, reduction="sum") / t.pow(2).sum().clamp(min=1e-12))
+    return torch.stack(terms).mean()
