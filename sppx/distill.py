@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _selected(t: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -22,16 +23,18 @@ class _SoftTargetKL(torch.autograd.Function):
     The gradient with respect to the student's logits, (softmax(s / T) - softmax(t / T)) / T, is computed
     in the forward pass and kept: the loss is a leaf of the graph, so nothing else needs saving, and no
     (tokens x vocabulary) temporary other than that gradient outlives a chunk (autograd would keep the
-    student's log-probabilities, the teacher's log-probabilities and several elementwise temporaries)."""
+    student's log-probabilities, the teacher's log-probabilities and several elementwise temporaries).
+    ``teacher_rows(rows)`` gives the teacher's logits of a slice of rows, so they can be computed a
+    chunk at a time from the teacher's last hidden state."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, chunk_rows: int):
+    def forward(ctx, student, teacher_rows, temperature: float, chunk_rows: int):
         grad = torch.empty_like(student, dtype=torch.float32) if student.requires_grad else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         for start in range(0, student.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             s_log = F.log_softmax(student[rows].float() / temperature, dim=-1)
-            t_log = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
+            t_log = F.log_softmax(teacher_rows(rows).float() / temperature, dim=-1)
             t_prob = t_log.exp()
             total += (t_prob * (t_log - s_log)).sum(dtype=torch.float64)
             if grad is not None:
@@ -48,17 +51,34 @@ class _SoftTargetKL(torch.autograd.Function):
 
 def logit_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     temperature: float = 1.0,
     token_mask: torch.Tensor | None = None,
     chunk_rows: int = 256,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    head: nn.Module | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) of the distributions softened by ``temperature``, times T^2 (so gradients
     keep their scale across temperatures), averaged over tokens. Computed in fp32, ``chunk_rows`` tokens
-    at a time (see :class:`_SoftTargetKL` for the memory this saves)."""
+    at a time (see :class:`_SoftTargetKL`). The teacher is given by its logits, or by its last hidden
+    state and output ``head`` (then its logits never exist for all tokens at once)."""
     s = _selected(student_logits, token_mask)
-    t = _selected(teacher_logits, token_mask).detach()
-    kl = _SoftTargetKL.apply(s, t, float(temperature), chunk_rows)
+    if teacher_logits is not None:
+        t = _selected(teacher_logits, token_mask).detach()
+
+        def teacher_rows(rows):
+            return t[rows]
+    else:
+        if teacher_hidden is None or head is None:
+            raise ValueError("give the teacher's logits, or its last hidden state and output head")
+        h = _selected(teacher_hidden, token_mask).detach()
+
+        def teacher_rows(rows):
+            with torch.no_grad():
+                return head(h[rows])
+
+    kl = _SoftTargetKL.apply(s, teacher_rows, float(temperature), chunk_rows)
     return kl * temperature**2 / max(s.shape[0], 1)
 
 

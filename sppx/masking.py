@@ -34,15 +34,21 @@ class _MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, keep, bias):
         ctx.save_for_backward(weight, keep)
-        return F.linear(x, weight * keep, bias)
+        return F.linear(x, apply_keep(weight, keep), bias)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             raise RuntimeError("a MaskedLinear's weight and bias are frozen; only its input has a gradient")
         weight, keep = ctx.saved_tensors
-        grad_x = grad @ (weight * keep).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ apply_keep(weight, keep).to(grad.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
+
+
+def apply_keep(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with the entries ``keep`` marks False set to 0 (``torch.where``: on the CPU about twice as
+    fast as multiplying by a bool mask, which converts it elementwise)."""
+    return t if keep is None else torch.where(keep, t, 0.0)
 
 
 def masked_linear(
@@ -53,7 +59,7 @@ def masked_linear(
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaskedLinearFunction.apply(x, weight, keep, bias)
-    return F.linear(x, weight * keep, bias)
+    return F.linear(x, apply_keep(weight, keep), bias)
 
 
 class MaskedLinear(nn.Linear):
@@ -75,7 +81,7 @@ class MaskedLinear(nn.Linear):
 
     def student_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight * keep`` while masked, else the dense weight."""
-        return self.weight * self.keep if self.masked else self.weight
+        return apply_keep(self.weight, self.keep) if self.masked else self.weight
 
     @property
     def active_keep(self) -> torch.Tensor | None:

@@ -40,6 +40,17 @@ def summary_table(results: dict) -> Table:
         table.caption += (
             f" | {results['prune']['allocation']} block sparsities {min(layers):.3f}-{max(layers):.3f}"
         )
+    tune = results.get("tune") or {}
+    if tune.get("step_time_s"):
+        table.caption += (
+            f" | {tune['steps']} steps, {tune['step_time_s']:.2f} s/step, peak {tune['peak_rss_mib']:.0f} MiB"
+        )
+    teacher = results.get("teacher") or {}
+    if teacher.get("strategy") == "numerous":
+        table.caption += (
+            f" | {len(teacher['schedule'])} (student, teacher) stages, "
+            f"{teacher['snapshots_used']} snapshots taught (schedule in results.json)"
+        )
     return table
 
 

@@ -28,6 +28,20 @@ from sppx.masking import MAX_STEPS, StudentMasks
 
 
 @dataclass
+class TeacherPass:
+    """What a teacher pass keeps: the decoder's last hidden state (the input of the output head), the
+    per-layer hidden states when the loss uses them, and the output head."""
+
+    last_hidden: torch.Tensor
+    hidden_states: tuple | None
+    head: nn.Module
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        return self.head(self.last_hidden)
+
+
+@dataclass
 class NoTeacher:
     """``teacher=none``: the language-modelling loss only."""
 
@@ -99,11 +113,13 @@ class Distiller(NoTeacher):
         self.model, self.masks, self.adapter = model, masks, adapter
 
     @torch.no_grad()
-    def _forward(self, model: nn.Module, input_ids, attention_mask):
+    def _forward(self, model: nn.Module, input_ids, attention_mask) -> TeacherPass:
+        """The decoder only: the logits are made from the last hidden state a chunk of tokens at a time
+        inside the KL (a full tokens x vocabulary tensor of teacher logits never exists)."""
         was_training = model.training
         model.eval()  # no dropout in a teacher
         try:
-            return model(
+            out = model.get_decoder()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 use_cache=False,
@@ -111,6 +127,7 @@ class Distiller(NoTeacher):
             )
         finally:
             model.train(was_training)
+        return TeacherPass(out.last_hidden_state, out.hidden_states, model.get_output_embeddings())
 
     def intact_outputs(self, model: nn.Module, input_ids, attention_mask=None):
         """The unpruned, unadapted model's outputs: masks and adapter off."""
@@ -121,7 +138,13 @@ class Distiller(NoTeacher):
         total = self.lm_weight * lm_loss
         extra: dict[str, torch.Tensor] = {}
         if self.kl_weight > 0:
-            extra["kd_kl"] = logit_kl(student.logits, teacher.logits, self.temperature, token_mask)
+            extra["kd_kl"] = logit_kl(
+                student.logits,
+                temperature=self.temperature,
+                token_mask=token_mask,
+                teacher_hidden=teacher.last_hidden,
+                head=teacher.head,
+            )
             total = total + self.kl_weight * extra["kd_kl"]
         if self.hidden_weight > 0:
             extra["kd_hidden"] = hidden_mse(student.hidden_states, teacher.hidden_states, token_mask)
@@ -311,6 +334,13 @@ class NumerousTeacher(Distiller):
                 "teacher_sparsity": 0.0 if teacher is None else self.level_sparsity(teacher),
             }
         )
+
+    def loss(self, student, teacher, lm_loss, token_mask):
+        total, extra = super().loss(student, teacher, lm_loss, token_mask)
+        segment = self._segments[-1]
+        extra["student_sparsity"] = torch.tensor(segment["student_sparsity"])
+        extra["teacher_sparsity"] = torch.tensor(segment["teacher_sparsity"])
+        return total, extra
 
     def teacher_outputs(self, model, input_ids, attention_mask):
         if self._teacher is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sppx.adapters import MaskedLoRAAdapter, SPPAdapter
+from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, SPPAdapter
 from sppx.masking import NEVER, MaskedLinear, StudentMasks, masked_linear, nested_levels
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
@@ -179,3 +179,31 @@ def test_adapters_on_masked_linears_merge_to_the_students_function_and_keep_zero
         assert type(linear) is nn.Linear
         assert int((linear.weight[~keep] != 0).sum()) == 0
         assert int((~keep).sum()) > 0
+
+
+def test_lora_on_masked_linears_merges_the_students_function(tiny):
+    model, _ = tiny
+    pruner = MagnitudePruner()
+    keeper = DenseKeeper(pruner)
+    masks = prune_model(model, pruner, 0.5, UNSTRUCTURED, progress=False, keeper=keeper)
+    students = StudentMasks.attach(model, masks)
+    adapter = LoRAAdapter(dropout=0.0)
+    adapter.apply(model)
+    with torch.no_grad():
+        for key, t in adapter.state(model).items():
+            if key.endswith(".B"):
+                t.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+    ids = calibration(2)
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        with students.dense(), adapter.disabled(model):
+            dense = model(ids).logits
+        adapter.merge(model)  # the masked weight plus B A: dense again
+        students.bake()
+        merged = model(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(dense, unmerged)
+    for name, keep in masks.items():
+        linear = model.get_submodule(name)
+        assert type(linear) is nn.Linear
+        assert int((linear.weight[~keep] != 0).sum()) == int((~keep).sum())  # every zero filled in

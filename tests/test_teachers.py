@@ -17,6 +17,7 @@ from sppx.masking import StudentMasks
 from sppx.pipeline import plan, run
 from sppx.pruning import MagnitudePruner, SparsityPattern, prune_model
 from sppx.pruning.sequential import DenseKeeper
+from sppx.summary import summary_table
 from sppx.teachers import DenseTeacher, NumerousSchedule, NumerousTeacher
 from tests.conftest import compose_config, tiny_run_overrides
 
@@ -96,7 +97,7 @@ def test_dense_teacher_pass_is_the_unpruned_model_without_a_second_copy(tiny):
     with torch.no_grad():
         student_before = model(input_ids=batch).logits
         expected = unpruned(input_ids=batch).logits
-    teacher_logits = teacher.teacher_outputs(model, batch, None).logits
+    teacher_logits = teacher.teacher_outputs(model, batch, None).logits()
     torch.testing.assert_close(teacher_logits, expected, rtol=0, atol=0)
     # Only the adapter's tensors were added: the base weights exist once.
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.state(model).values())
@@ -139,7 +140,7 @@ def test_numerous_teacher_snapshots_follow_the_student(tiny):
     for step in range(10):
         teacher.before_step(step)
         assert students.level == teacher.schedule.student_level(step)
-        out = teacher.teacher_outputs(model, batch, None).logits
+        out = teacher.teacher_outputs(model, batch, None).logits()
         level = teacher.schedule.teacher_level(step)
         if level is None:
             with torch.no_grad():
@@ -200,6 +201,7 @@ def test_numerous_run_keeps_every_zero_and_records_its_teachers(tmp_path, text_f
     assert {seg["teacher"] for seg in schedule} == {"intact", "snapshot"}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["teacher"]["strategy"] == "numerous"
+    assert f"{results['teacher']['snapshots_used']} snapshots taught" in summary_table(results).caption
 
 
 def test_dense_teacher_run_keeps_every_zero(tmp_path, text_file):
@@ -231,3 +233,11 @@ def test_chunked_kl_matches_autograd_in_value_and_gradient():
     loss.backward()
     reference.backward()
     torch.testing.assert_close(s.grad, s_ref.grad)
+    # The teacher given as a last hidden state and an output head: the same loss, chunk by chunk.
+    head = nn.Linear(6, 17, bias=False)
+    hidden = torch.randn(3, 5, 6, generator=gen)
+    with torch.no_grad():
+        from_logits = logit_kl(s, head(hidden), T)
+    torch.testing.assert_close(
+        logit_kl(s, None, T, teacher_hidden=hidden, head=head, chunk_rows=4), from_logits
+    )

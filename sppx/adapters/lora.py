@@ -16,7 +16,7 @@ from torch import nn
 
 from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
 from sppx.errors import ConfigError
-from sppx.masking import MaskedLinear, student_weight
+from sppx.masking import MaskedLinear, apply_keep, student_weight
 from sppx.pruning.sequential import prunable_linears
 
 
@@ -51,7 +51,7 @@ class MaskedLoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """s * (B A) * mask, the (out x in) update, in fp32."""
-        return self.scale * (self.B @ self.A) * self.mask
+        return apply_keep(self.scale * (self.B @ self.A), self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -26,7 +26,7 @@ from torch import nn
 
 from sppx.adapters.base import WrappingAdapter, check_scale_args
 from sppx.errors import ConfigError, is_int, require
-from sppx.masking import forward_keep, masked_linear, student_weight
+from sppx.masking import apply_keep, forward_keep, masked_linear, student_weight
 
 
 class SPPLinear(nn.Module):
@@ -80,9 +80,9 @@ class SPPLinear(nn.Module):
         factors = self.row_factors().to(w.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # No dropout: one matmul with the merged weight W * (1 + s * factors) (* keep when masked).
-            factors = 1.0 + self.scale * factors
-            return F.linear(x, w * (factors if keep is None else factors * keep), self.base.bias)
-        branch = w * (factors if keep is None else factors * keep)
+            merged = apply_keep(w * (1.0 + self.scale * factors), keep)
+            return F.linear(x, merged, self.base.bias)
+        branch = apply_keep(w * factors, keep)
         return self.base(x) + self.scale * F.linear(self.dropout(x), branch)
 
     @torch.no_grad()
