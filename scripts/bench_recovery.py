@@ -121,14 +121,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     colours = {"none": "#4c72b0", "dense": "#dd8452", "numerous": "#55a868"}  # by teacher
     for ax, pattern in zip(axes[0], patterns, strict=True):
         sub = [r for r in rows if r["pattern"] == pattern]
-        labels = [f"{r['adapter']}\n{r['teacher']}" for r in sub]
+        labels = [f"{r['adapter']} / {r['teacher']}" for r in sub]
         ax.bar(range(len(sub)), [r["ppl_final"] for r in sub], color=[colours[r["teacher"]] for r in sub])
         pruned = sub[0]["ppl_pruned"]
         ax.axhline(
             pruned, color="grey", linestyle="--", linewidth=1, label=f"pruned, no tuning ({pruned:.1f})"
         )
-        ax.set_xticks(range(len(sub)), labels, fontsize=7)
+        ax.set_xticks(range(len(sub)), labels, fontsize=7, rotation=45, ha="right")
         ax.set_yscale("log")
+        ax.set_ylim(bottom=min(r["ppl_final"] for r in sub) / 1.5)
         ax.set_title(f"Wanda {pattern}")
         ax.set_ylabel("perplexity after merge")
         ax.legend(fontsize=7)
