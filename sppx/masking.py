@@ -171,6 +171,7 @@ class StudentMasks:
         return {name: mod.keep for name, mod in self.named.items()}
 
     def modules(self) -> dict[str, MaskedLinear]:
+        """The MaskedLinears by their current path (adapters wrap them, so paths change after attach)."""
         return {n: m for n, m in self.model.named_modules() if isinstance(m, MaskedLinear)}
 
     @torch.no_grad()
@@ -180,7 +181,7 @@ class StudentMasks:
             raise ValueError(f"level must be in [0, {self.steps}], got {level}")
         if level == self.level:
             return
-        for mod in self.modules().values():
+        for mod in self.named.values():
             if mod.levels is None:
                 raise RuntimeError("these masks have no nested levels")
             torch.gt(mod.levels, level, out=mod.keep)
@@ -189,7 +190,7 @@ class StudentMasks:
     @contextlib.contextmanager
     def dense(self):
         """Masks off: the modules compute with the dense weights (the intact model)."""
-        mods = list(self.modules().values())
+        mods = list(self.named.values())
         for mod in mods:
             mod.masked = False
         try:
@@ -211,7 +212,7 @@ class StudentMasks:
     def sparsity(self) -> float:
         """Fraction of the masked weights the student's forward removes now."""
         zeros = total = 0
-        for mod in self.modules().values():
+        for mod in self.named.values():
             zeros += int((~mod.keep).sum())
             total += mod.keep.numel()
         return zeros / total if total else 0.0

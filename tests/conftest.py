@@ -49,6 +49,11 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+def parameter_storages(model) -> dict[int, int]:
+    """``{storage address: bytes}`` of the distinct storages behind the model's parameters."""
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+
+
 def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path | None = None) -> DictConfig:
     """The run config as ``run.py`` would see it, for the given command-line overrides."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

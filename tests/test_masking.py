@@ -12,17 +12,13 @@ from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, SPPAdapter
 from sppx.masking import NEVER, MaskedLinear, StudentMasks, masked_linear, nested_levels
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
+from tests.conftest import parameter_storages
 
 UNSTRUCTURED = SparsityPattern("unstructured")
 
 
 def calibration(n: int = 4, seqlen: int = 16) -> torch.Tensor:
     return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
-
-
-def storages(model: nn.Module) -> dict[int, int]:
-    """Bytes of every distinct storage behind the model's parameters."""
-    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
 
 
 # --------------------------------------------------------------------------- masked linear
@@ -118,19 +114,17 @@ def test_keeping_dense_weights_gives_the_same_masks_and_the_pruned_models_output
         assert torch.equal(model.get_submodule(name).weight, dense[name])  # restored exactly
         assert torch.equal(keeper.levels[name] > 10, keep)
 
-    before = storages(model)
+    before = parameter_storages(model)
     students = StudentMasks.attach(model, masks, keeper.levels, steps=10)
-    assert storages(model) == before  # no parameter was copied
+    assert parameter_storages(model) == before  # no parameter was copied
     ids = calib[:2]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
         students.set_level(0)
-        unpruned = copy.deepcopy(model)
         students.bake()  # level 0: nothing removed
     for name in masks:
         assert type(model.get_submodule(name)) is nn.Linear
         assert torch.equal(model.get_submodule(name).weight, dense[name])
-    del unpruned
 
 
 def test_student_masks_levels_and_dense_view(tiny):

@@ -19,7 +19,7 @@ from sppx.pruning import MagnitudePruner, SparsityPattern, prune_model
 from sppx.pruning.sequential import DenseKeeper
 from sppx.summary import summary_table
 from sppx.teachers import DenseTeacher, NumerousSchedule, NumerousTeacher
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, parameter_storages, tiny_run_overrides
 
 UNSTRUCTURED = SparsityPattern("unstructured")
 
@@ -30,8 +30,7 @@ def ids(n: int = 2, seqlen: int = 12) -> torch.Tensor:
 
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the distinct storages behind the model's parameters (shared storage counted once)."""
-    seen = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-    return sum(seen.values())
+    return sum(parameter_storages(model).values())
 
 
 def adapted_student(model: nn.Module, steps: int = 0, sparsity: float = 0.5):
