@@ -77,6 +77,37 @@ def sparsity_report(model: nn.Module, targets: list[str]) -> dict:
     }
 
 
+def structured_report(
+    model: nn.Module, dense_shapes: dict[str, tuple[int, int]], layers_kept: list[int], targets: list[str]
+) -> dict:
+    """Parameters removed (not zeroed) from every targeted Linear, against the dense shapes, named and
+    indexed as in the dense model: overall, per module type, per original decoder layer, per module."""
+    prefix = layers_prefix(model) + "."
+    now = {}
+    for name, lin in prunable_linears(model, targets).items():
+        index, rest = name[len(prefix) :].split(".", 1)
+        now[f"{prefix}{layers_kept[int(index)]}.{rest}"] = lin.weight.numel()
+    by_type, by_layer = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    per_module = {}
+    for name, (rows, cols) in dense_shapes.items():
+        dense, kept = rows * cols, now.get(name, 0)
+        per_module[name] = 1 - kept / dense
+        for key, counts in (
+            (name.rsplit(".", 1)[-1], by_type),
+            (int(name[len(prefix) :].split(".")[0]), by_layer),
+        ):
+            counts[key][0] += dense - kept
+            counts[key][1] += dense
+    removed = sum(r for r, _ in by_type.values())
+    total = sum(n for _, n in by_type.values())
+    return {
+        "measured": removed / total if total else 0.0,
+        "per_type": {k: r / n for k, (r, n) in by_type.items()},
+        "per_layer": [r / n for _, (r, n) in sorted(by_layer.items())],
+        "per_module": per_module,
+    }
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Total and nonzero parameters (tied tensors once) and how many require grad."""
     seen, total, nonzero, trainable = set(), 0, 0, 0

@@ -36,7 +36,14 @@ from sppx.data import (
 )
 from sppx.errors import ConfigError, is_int, require, require_fraction, require_positive_int
 from sppx.evaluate import EvalConfig, perplexity
-from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
+from sppx.export import (
+    parameter_counts,
+    save_model,
+    sparsity_report,
+    structured_report,
+    verify_model_zeros,
+    verify_saved_zeros,
+)
 from sppx.instructions import InstructionDataModule, pad_token_id
 from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir
@@ -45,6 +52,8 @@ from sppx.profiling import PeakMemory, Stopwatch, release_freed_memory
 from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
 from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
+from sppx.pruning.structured import Dims, StructuredContext, StructuredPruner, shrink_model
+from sppx.teachers import NoTeacher
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +106,7 @@ def check_signature(node: DictConfig, group: str) -> None:
 class Plan:
     model: object  # a source from sppx.models: .name, .model_config(), .load()
     corpus: Corpus
-    pruner: Pruner
+    pruner: Pruner | StructuredPruner
     pattern: SparsityPattern
     adapter: Adapter
     teacher: object
@@ -113,6 +122,10 @@ class Plan:
     @property
     def target_sparsity(self) -> float:
         return 0.0 if isinstance(self.pruner, NoPruner) else self.pattern.target(self.sparsity)
+
+    @property
+    def structured(self) -> bool:
+        return isinstance(self.pruner, StructuredPruner)
 
     @property
     def tunes(self) -> bool:
@@ -195,7 +208,22 @@ def plan(cfg: DictConfig) -> Plan:
     for key, value in (("data.seqlen", p.corpus.seqlen), ("eval.seqlen", p.eval.seqlen)):
         if context is not None:
             require(value <= context, key, value, f"must be <= the model's context length {context}")
-    if not isinstance(p.pruner, NoPruner):
+    adapter_shapes = None
+    if p.structured:
+        p.pruner.check_pattern(p.pattern, sparsity)
+        dims = Dims.of(model_config)
+        p.pruner.check(dims, sparsity)
+        # The adapter tunes the smaller model: check it against the pruned shapes.
+        adapter_shapes = {
+            name: shape
+            for name, shape in p.pruner.budget(dims, sparsity).linear_shapes(dims).items()
+            if name.rsplit(".", 1)[-1] in p.adapter.targets
+        }
+        if p.pruner.needs_calibration:
+            p.corpus.check_calibration(p.cache_dir)
+        if p.pruner.uses_teacher:
+            p.corpus.check_tuning()
+    elif not isinstance(p.pruner, NoPruner):
         shapes = linear_shapes(model_config, p.pruner.targets)
         require(len(shapes) > 0, "pruner.targets", p.pruner.targets, "match no Linear of the model")
         for name, (_, in_features) in shapes.items():
@@ -204,7 +232,7 @@ def plan(cfg: DictConfig) -> Plan:
         if p.pruner.needs_calibration:
             p.corpus.check_calibration(p.cache_dir)
     if p.tunes:
-        p.adapter.check_shapes(linear_shapes(model_config, p.adapter.targets))
+        p.adapter.check_shapes(adapter_shapes or linear_shapes(model_config, p.adapter.targets))
     check_teacher(p)
     return p
 
@@ -214,6 +242,15 @@ def check_teacher(p: Plan) -> None:
     weights are the teacher); numerous needs a pruner score to nest its masks by."""
     teacher, pruner = p.teacher, p.pruner
     if teacher.name == "none":
+        return
+    if p.structured:
+        require(
+            pruner.uses_teacher,
+            "teacher",
+            teacher.name,
+            f"distils from the dense weights, which pruner={pruner.name} removes; use teacher=none "
+            "(pruner=nuteprune uses the teacher while it learns its masks)",
+        )
         return
     require(
         p.tunes,
@@ -284,7 +321,10 @@ def execute(p: Plan, progress: bool = True) -> dict:
     calibration: dict | None = None
     # A distilling teacher is the same weights seen dense: keep them, and mask in the student's forward.
     student_masks: StudentMasks | None = None
-    keeps_dense = p.teacher.needs_dense and p.tunes
+    keeps_dense = p.teacher.needs_dense and p.tunes and not p.structured
+    # A structured pruner that trains its masks uses the teacher itself; recovery then tunes on text.
+    recovery_teacher = NoTeacher() if p.structured else p.teacher
+    structure_info: dict | None = None
     mask_steps = p.teacher.levels_for(p.target_sparsity) if keeps_dense and p.teacher.nested else 0
     keeper = DenseKeeper(p.pruner, mask_steps) if keeps_dense else None
     if not isinstance(p.pruner, NoPruner):
@@ -302,24 +342,30 @@ def execute(p: Plan, progress: bool = True) -> dict:
                 "digest": windows_digest(calib),
             }
         phases = Stopwatch()
-        with watch("prune"), PeakMemory() as peak:
-            with phases("OWL outliers"):
-                layer_targets = layer_sparsities(model, p.pruner, p.target_sparsity, calib, progress)
-            masks = prune_model(
-                model,
-                p.pruner,
-                layer_targets,
-                p.pattern,
-                calib,
-                progress=progress,
-                watch=phases,
-                keeper=keeper,
-            )
-        if p.pruner.allocation == "uniform":
-            phases.times.pop("OWL outliers")
+        if p.structured:
+            with watch("prune"), PeakMemory() as peak:
+                structure_info = _prune_structured(p, model, tokens, calib, logger, phases, progress)
+        else:
+            with watch("prune"), PeakMemory() as peak:
+                with phases("OWL outliers"):
+                    layer_targets = layer_sparsities(model, p.pruner, p.target_sparsity, calib, progress)
+                masks = prune_model(
+                    model,
+                    p.pruner,
+                    layer_targets,
+                    p.pattern,
+                    calib,
+                    progress=progress,
+                    watch=phases,
+                    keeper=keeper,
+                )
+            if p.pruner.allocation == "uniform":
+                phases.times.pop("OWL outliers")
+            prune_info["layer_targets"] = layer_targets
         prune_info.update(
-            layer_targets=layer_targets,
+            structure=structure_info,
             phases_s={k: round(v, 3) for k, v in phases.times.items()},
+            peak_rss_mib=round(peak.rss_peak / 2**20, 1),
             peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
         )
         if peak.cuda_peak:
@@ -328,7 +374,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         student_masks = StudentMasks.attach(model, masks, keeper.levels or None, mask_steps)
         masks = student_masks.keeps()  # the target masks (shared with the modules, not copied)
     release_freed_memory()
-    pruned_changed = bool(masks)
+    pruned_changed = bool(masks) or structure_info is not None
     if p.eval.pruned:
         ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
     else:
@@ -337,14 +383,15 @@ def execute(p: Plan, progress: bool = True) -> dict:
     # Tune (only adapter parameters train), then merge and verify.
     trainable = 0
     tune_info: dict = {}
-    dense_merge = p.tunes and not p.adapter.keeps_zeros  # e.g. LoRA: the merge fills the zeros in
+    # e.g. LoRA: the merge fills the zeros in (a structured model has none left to keep)
+    dense_merge = p.tunes and not p.adapter.keeps_zeros and not p.structured
     before_merge = sparsity_report(model, p.pruner.targets)["measured"] if dense_merge else None
     if p.tunes:
         p.adapter.apply(model)
         trainable = parameter_counts(model)["trainable"]
-        p.teacher.bind(model, student_masks, p.adapter, p.target_sparsity)
+        recovery_teacher.bind(model, student_masks, p.adapter, p.target_sparsity)
         with watch("tune"), PeakMemory() as peak:
-            tune_info = _tune(p, model, tokenizer, tokens, logger)
+            tune_info = _tune(p, model, tokenizer, tokens, logger, recovery_teacher)
         tune_info.update(
             peak_rss_mib=round(peak.rss_peak / 2**20, 1),
             peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
@@ -372,6 +419,12 @@ def execute(p: Plan, progress: bool = True) -> dict:
 
     targets = p.pruner.targets
     report = sparsity_report(model, targets)
+    if structure_info is not None:  # removed, not zeroed: measure against the dense shapes
+        report.update(
+            structured_report(
+                model, structure_info.pop("dense_shapes"), structure_info.pop("layers_kept"), targets
+            )
+        )
     if dense_merge and before_merge - report["measured"] > 0:
         log.warning(
             "adapter %s merged densely: sparsity %.4f -> %.4f",
@@ -405,7 +458,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         "prune": prune_info,
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
         "tune": tune_info,
-        "teacher": p.teacher.report(),
+        "teacher": p.teacher.report() if not p.structured else (structure_info or {}).get("teacher"),
         "time_s": {
             k: round(watch.times.get(k, 0.0), 3)
             for k in ("load", "prune", "tune", "merge", "eval", "export", "total")
@@ -442,11 +495,50 @@ def execute(p: Plan, progress: bool = True) -> dict:
     return results
 
 
+def _prune_structured(p: Plan, model, tokens: TokenizedCorpus, calib, logger, watch, progress) -> dict:
+    """Choose the units (the pruner may rewrite kept weights), then remove them physically."""
+    dims = Dims.of(model.config)
+    budget = p.pruner.budget(dims, p.sparsity)
+    ctx = StructuredContext(
+        calibration=calib,
+        progress=progress,
+        watch=watch,
+        teacher=p.teacher,
+        logger=logger,
+        seed=p.seed,
+        output_dir=p.output_dir,
+    )
+    if p.pruner.uses_teacher:  # it trains its masks on the tuning text
+        ctx.train = consecutive_windows(tokens.streams["tuning"], p.corpus.seqlen)
+        ctx.validation = consecutive_windows(
+            tokens.streams["validation"], p.corpus.seqlen, p.corpus.val_windows
+        )
+        require(
+            ctx.train.shape[0] > 0, "data.seqlen", p.corpus.seqlen, "must be shorter than the tuning text"
+        )
+    dense_shapes = {
+        n: tuple(lin.weight.shape) for n, lin in prunable_linears(model, p.pruner.targets).items()
+    }
+    structure = p.pruner.select(model, budget, ctx)
+    with watch("remove units"):
+        shrink_model(model, structure)
+    method = getattr(p.pruner, "report", None) or {}
+    return {
+        **structure.summary(),
+        "budget": {"layers": budget.layers, "heads": budget.heads, "neurons": budget.neurons},
+        "head_mode": budget.head_mode,
+        "method": {k: v for k, v in method.items() if k != "teacher"},
+        "teacher": method.get("teacher"),
+        "dense_shapes": dense_shapes,
+        "layers_kept": structure.layers_kept,
+    }
+
+
 def _ppl(entry: dict | None) -> float | None:
     return None if entry is None else entry["ppl"]
 
 
-def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger) -> dict:
+def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -> dict:
     seqlen = p.corpus.seqlen
     val = consecutive_windows(tokens.streams["validation"], seqlen, p.corpus.val_windows)
     info: dict = {"data": p.corpus.tuning}
@@ -462,7 +554,7 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger) -> dict:
         train = consecutive_windows(tokens.streams["tuning"], seqlen)
         require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
         datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
-    module = TuneModule(model, p.tune, p.teacher)
+    module = TuneModule(model, p.tune, teacher)
     callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
     if p.cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in callbacks

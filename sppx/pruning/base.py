@@ -69,6 +69,13 @@ class Pruner:
     def check_pattern(self, pattern: SparsityPattern, sparsity: float | None = None) -> None:
         """Raise ConfigError when this pruner cannot produce ``pattern`` at ``sparsity`` (checked before
         any work)."""
+        require(
+            not pattern.is_structured,
+            "pattern",
+            pattern.label,
+            f"pruner={self.name} prunes single weights; pattern=structured needs a structured pruner "
+            "(comp, nuteprune, llm_pruner, flap, shortgpt, magnitude_structured)",
+        )
         if self.allocation == "owl":
             require(
                 not pattern.is_nm,

@@ -16,18 +16,23 @@ import torch
 
 from sppx.errors import ConfigError, is_int, require
 
+PATTERN_KINDS = ("unstructured", "nm", "structured")
+
 
 @dataclass(frozen=True)
 class SparsityPattern:
-    """``unstructured`` (the top-level ``sparsity`` is the fraction pruned) or ``nm`` (N of every M
-    consecutive input weights pruned, in each row; sparsity is N/M)."""
+    """``unstructured`` (the top-level ``sparsity`` is the fraction pruned), ``nm`` (N of every M
+    consecutive input weights pruned, in each row; sparsity is N/M) or ``structured`` (whole layers,
+    heads and neurons removed: ``sparsity`` is the fraction of the decoder's prunable parameters)."""
 
     kind: str = "unstructured"
     n: int | None = None
     m: int | None = None
 
     def __post_init__(self):
-        require(self.kind in ("unstructured", "nm"), "pattern.kind", self.kind, "allowed: unstructured, nm")
+        require(
+            self.kind in PATTERN_KINDS, "pattern.kind", self.kind, f"allowed: {', '.join(PATTERN_KINDS)}"
+        )
         if self.kind == "nm":
             require(is_int(self.m) and self.m >= 2, "pattern.m", self.m, "must be an integer >= 2")
             require(
@@ -42,8 +47,12 @@ class SparsityPattern:
         return self.kind == "nm"
 
     @property
+    def is_structured(self) -> bool:
+        return self.kind == "structured"
+
+    @property
     def label(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_nm else self.kind
 
     def target(self, sparsity: float) -> float:
         """The fraction of weights this pattern prunes at the requested ``sparsity``."""

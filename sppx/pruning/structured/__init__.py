@@ -1,0 +1,28 @@
+"""Structured pruning: whole layers, attention heads and FFN neurons removed, the model physically
+smaller (units), COMP and NutePrune, and the LLM-Pruner / FLAP / ShortGPT / magnitude baselines."""
+
+from sppx.pruning.structured.base import StructuredContext, StructuredPruner
+from sppx.pruning.structured.baselines import (
+    FLAPPruner,
+    LLMPrunerPruner,
+    MagnitudeStructuredPruner,
+    ShortGPTPruner,
+)
+from sppx.pruning.structured.comp import COMPPruner
+from sppx.pruning.structured.units import Budget, Dims, Structure, allocate, mask_model, shrink_model
+
+__all__ = [
+    "Budget",
+    "COMPPruner",
+    "Dims",
+    "FLAPPruner",
+    "LLMPrunerPruner",
+    "MagnitudeStructuredPruner",
+    "ShortGPTPruner",
+    "Structure",
+    "StructuredContext",
+    "StructuredPruner",
+    "allocate",
+    "mask_model",
+    "shrink_model",
+]

@@ -1,0 +1,389 @@
+"""Structured units of a Llama decoder and what removing them means.
+
+A *unit* is removed whole: a decoder layer; an attention head (its rows of q_proj and columns of
+o_proj, K/V kept: ``head_mode=query``) or a whole key/value group (its query heads plus its rows of
+k_proj and v_proj: ``head_mode=group``); an FFN neuron (its gate_proj row, up_proj row and down_proj
+column). A :class:`Structure` lists what is kept; it can be applied two ways that give the same function:
+
+- :func:`mask_model` zeros the weights that feed nothing any more (a removed layer's o_proj and down_proj,
+  a head's o_proj columns, a neuron's down_proj column): same shapes, exactly the removed model's output
+  up to the order of floating-point sums;
+- :func:`shrink_model` removes them from the matrices and the layer list and rewrites the config, so
+  the model is physically smaller and ``save_pretrained`` writes a standard Llama config.
+
+Widths are uniform: every kept layer keeps the same number of heads (the same number in every K/V
+group) and neurons, which is what a standard config can describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sppx.pruning.sequential import decoder_layers
+
+UNITS = ("layers", "heads", "neurons")
+HEAD_MODES = ("query", "group")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shapes that structured pruning counts in."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> Dims:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+        )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def head_params(self) -> int:
+        """A query head: its q_proj rows and o_proj columns."""
+        return 2 * self.head_dim * self.hidden
+
+    @property
+    def kv_params(self) -> int:
+        """One key/value head: its k_proj and v_proj rows."""
+        return 2 * self.head_dim * self.hidden
+
+    @property
+    def neuron_params(self) -> int:
+        return 3 * self.hidden
+
+    @property
+    def attention_params(self) -> int:
+        return self.heads * self.head_params + self.kv_heads * self.kv_params
+
+    @property
+    def layer_params(self) -> int:
+        return self.attention_params + self.intermediate * self.neuron_params
+
+    @property
+    def total(self) -> int:
+        """The decoder's prunable parameters: every projection of every layer (biases not counted)."""
+        return self.layers * self.layer_params
+
+
+@dataclass
+class Structure:
+    """What is kept, by original index: layers, query heads and K/V heads per layer, neurons per layer.
+    A layer absent from ``heads``/``kv_heads``/``neurons`` keeps all of them."""
+
+    dims: Dims
+    layers_removed: list[int] = field(default_factory=list)
+    heads: dict[int, list[int]] = field(default_factory=dict)
+    kv_heads: dict[int, list[int]] = field(default_factory=dict)
+    neurons: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def layers_kept(self) -> list[int]:
+        return [i for i in range(self.dims.layers) if i not in set(self.layers_removed)]
+
+    def heads_of(self, layer: int) -> list[int]:
+        return self.heads.get(layer, list(range(self.dims.heads)))
+
+    def kv_heads_of(self, layer: int) -> list[int]:
+        return self.kv_heads.get(layer, list(range(self.dims.kv_heads)))
+
+    def neurons_of(self, layer: int) -> list[int]:
+        return self.neurons.get(layer, list(range(self.dims.intermediate)))
+
+    def widths(self) -> tuple[int, int, int]:
+        """(query heads, K/V heads, neurons) per kept layer; ValueError unless they are uniform and every
+        K/V head keeps the same number of query heads (what a standard config can describe)."""
+        kept = self.layers_kept
+        if not kept:
+            raise ValueError("every decoder layer is removed")
+        shapes = {(len(self.heads_of(i)), len(self.kv_heads_of(i)), len(self.neurons_of(i))) for i in kept}
+        if len(shapes) != 1:
+            raise ValueError(f"per-layer widths differ: {sorted(shapes)}; only uniform widths are exported")
+        heads, kv, neurons = shapes.pop()
+        if heads < 1 or kv < 1 or neurons < 1:
+            raise ValueError("a kept layer must keep at least one head, one K/V head and one neuron")
+        g = self.dims.group_size
+        for i in kept:
+            per_group = [sum(1 for h in self.heads_of(i) if h // g == k) for k in range(self.dims.kv_heads)]
+            kv_set = set(self.kv_heads_of(i))
+            if any(n and k not in kv_set for k, n in enumerate(per_group)) or any(
+                per_group[k] != heads // kv for k in kv_set
+            ):
+                raise ValueError(
+                    f"layer {i}: query heads {self.heads_of(i)} do not keep the same number in every kept "
+                    f"K/V group {sorted(kv_set)}"
+                )
+        return heads, kv, neurons
+
+    def kept_params(self) -> int:
+        d = self.dims
+        return sum(
+            len(self.heads_of(i)) * d.head_params
+            + len(self.kv_heads_of(i)) * d.kv_params
+            + len(self.neurons_of(i)) * d.neuron_params
+            for i in self.layers_kept
+        )
+
+    def sparsity(self) -> float:
+        """Fraction of the decoder's prunable parameters removed."""
+        return 1.0 - self.kept_params() / self.dims.total
+
+    def summary(self) -> dict:
+        heads, kv, neurons = self.widths()
+        return {
+            "layers_removed": sorted(self.layers_removed),
+            "layers": len(self.layers_kept),
+            "heads_per_layer": heads,
+            "kv_heads_per_layer": kv,
+            "neurons_per_layer": neurons,
+            "sparsity": round(self.sparsity(), 6),
+        }
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many units go: whole layers, then per kept layer ``heads`` query heads (``head_mode=query``:
+    ``heads // kv_heads`` from every K/V group; ``group``: ``heads // group_size`` whole groups) and
+    ``neurons`` neurons."""
+
+    layers: int = 0
+    heads: int = 0
+    neurons: int = 0
+    head_mode: str = "query"
+
+    def linear_shapes(self, d: Dims, prefix: str = "model.layers") -> dict[str, tuple[int, int]]:
+        """``{name: (out, in)}`` of every projection of the pruned model (uniform widths)."""
+        heads = d.heads - self.heads
+        kv = d.kv_heads - (self.heads // d.group_size if self.head_mode == "group" else 0)
+        neurons, h, hd = d.intermediate - self.neurons, d.hidden, d.head_dim
+        per_layer = {
+            "self_attn.q_proj": (heads * hd, h),
+            "self_attn.k_proj": (kv * hd, h),
+            "self_attn.v_proj": (kv * hd, h),
+            "self_attn.o_proj": (h, heads * hd),
+            "mlp.gate_proj": (neurons, h),
+            "mlp.up_proj": (neurons, h),
+            "mlp.down_proj": (h, neurons),
+        }
+        return {
+            f"{prefix}.{i}.{n}": shape
+            for i in range(d.layers - self.layers)
+            for n, shape in per_layer.items()
+        }
+
+    def removed_params(self, d: Dims) -> int:
+        kept_layers = d.layers - self.layers
+        per_layer = self.heads * d.head_params + self.neurons * d.neuron_params
+        if self.head_mode == "group":
+            per_layer += self.heads // d.group_size * d.kv_params
+        return self.layers * d.layer_params + kept_layers * per_layer
+
+    def sparsity(self, d: Dims) -> float:
+        return self.removed_params(d) / d.total
+
+
+def allocate(
+    d: Dims,
+    sparsity: float,
+    units: list[str],
+    head_mode: str = "query",
+    layer_share: float = 1.0,
+    neuron_multiple: int = 1,
+) -> Budget:
+    """Spread ``sparsity`` (fraction of :attr:`Dims.total`) over the chosen units.
+
+    With ``layers``: ``layer_share`` of the budget (all of it when layers are the only unit) goes to whole
+    layers (rounded). The rest is spread uniformly over the kept layers: heads take the same fraction of
+    the attention as the rest of the budget is of a layer (rounded to whole heads, the same number per
+    K/V group), and neurons take what is left, rounded so that the kept count is a multiple of
+    ``neuron_multiple`` (which adapters with row groups and fast kernels like).
+    """
+    want = sparsity * d.total
+    layers = 0
+    if "layers" in units:
+        share = layer_share if ("heads" in units or "neurons" in units) else 1.0
+        layers = min(d.layers - 1, round(share * want / d.layer_params))
+    kept = d.layers - layers
+    left = max(0.0, want - layers * d.layer_params)
+    heads = 0
+    if "heads" in units and kept:
+        fraction = left / (kept * d.layer_params)
+        if head_mode == "query":  # the same number of query heads from every K/V group
+            heads = min(d.group_size - 1, round(fraction * d.group_size)) * d.kv_heads
+        else:  # whole K/V groups
+            heads = min(d.kv_heads - 1, round(fraction * d.kv_heads)) * d.group_size
+    budget = Budget(layers, heads, 0, head_mode)
+    neurons = 0
+    if "neurons" in units and kept:
+        left -= budget.removed_params(d) - layers * d.layer_params
+        removed = min(d.intermediate - 1, max(0, round(left / (kept * d.neuron_params))))
+        kept_neurons = max(
+            neuron_multiple, round((d.intermediate - removed) / neuron_multiple) * neuron_multiple
+        )
+        neurons = max(0, d.intermediate - kept_neurons)
+    return Budget(layers, heads, neurons, head_mode)
+
+
+# --------------------------------------------------------------------------- choosing what goes
+def lowest_units(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest scores (stable: among equal scores the lower index goes first)."""
+    if k <= 0:
+        return []
+    order = torch.sort(scores.detach().float().cpu(), stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def keep_all_but(n: int, removed: list[int]) -> list[int]:
+    gone = set(removed)
+    return [i for i in range(n) if i not in gone]
+
+
+def heads_to_remove(d: Dims, scores: torch.Tensor, budget: Budget) -> tuple[list[int], list[int]]:
+    """(query heads kept, K/V heads kept) of one layer from per-query-head scores.
+
+    ``query``: the ``heads // kv_heads`` lowest in every K/V group go; ``group``: whole groups, scored by
+    the sum of their heads, lowest first."""
+    g = d.group_size
+    if budget.heads == 0:
+        return list(range(d.heads)), list(range(d.kv_heads))
+    if budget.head_mode == "query":
+        per_group = budget.heads // d.kv_heads
+        removed = [
+            k * g + j for k in range(d.kv_heads) for j in lowest_units(scores[k * g : (k + 1) * g], per_group)
+        ]
+        return keep_all_but(d.heads, removed), list(range(d.kv_heads))
+    group_scores = scores.reshape(d.kv_heads, g).sum(dim=1)
+    groups_gone = lowest_units(group_scores, budget.heads // g)
+    kv = keep_all_but(d.kv_heads, groups_gone)
+    return [k * g + j for k in kv for j in range(g)], kv
+
+
+# --------------------------------------------------------------------------- applying a structure
+def head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row indices of q_proj (and column indices of o_proj) of the given heads."""
+    if not heads:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+@torch.no_grad()
+def mask_model(model: nn.Module, s: Structure) -> None:
+    """Zero what the removed units feed into: same shapes, same function as :func:`shrink_model`."""
+    d = s.dims
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        if i in set(s.layers_removed):  # the block adds nothing to the residual stream
+            for lin in (attn.o_proj, mlp.down_proj):
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            continue
+        gone_heads = keep_all_but(d.heads, s.heads_of(i))
+        attn.o_proj.weight[:, head_columns(gone_heads, d.head_dim)] = 0.0
+        gone = keep_all_but(d.intermediate, s.neurons_of(i))
+        mlp.down_proj.weight[:, gone] = 0.0
+
+
+def _slice(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``, in place."""
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(
+                linear.bias.detach().index_select(0, rows.to(weight.device)).clone(),
+                requires_grad=linear.bias.requires_grad,
+            )
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
+    linear.out_features, linear.in_features = weight.shape
+
+
+@torch.no_grad()
+def shrink_model(model: nn.Module, s: Structure) -> None:
+    """Remove the pruned units from the weight matrices and layers and rewrite ``model.config``."""
+    heads, kv, neurons = s.widths()
+    d = s.dims
+    layers = decoder_layers(model)
+    if len(layers) != d.layers:
+        raise ValueError(f"the structure is for {d.layers} layers, the model has {len(layers)}")
+    kept_layers = s.layers_kept
+    for i in kept_layers:
+        attn, mlp = layers[i].self_attn, layers[i].mlp
+        q_rows = head_columns(s.heads_of(i), d.head_dim)
+        kv_rows = head_columns(s.kv_heads_of(i), d.head_dim)
+        _slice(attn.q_proj, rows=q_rows)
+        _slice(attn.k_proj, rows=kv_rows)
+        _slice(attn.v_proj, rows=kv_rows)
+        _slice(attn.o_proj, cols=q_rows)
+        attn.num_key_value_groups = heads // kv
+        idx = torch.tensor(s.neurons_of(i), dtype=torch.long)
+        _slice(mlp.gate_proj, rows=idx)
+        _slice(mlp.up_proj, rows=idx)
+        _slice(mlp.down_proj, cols=idx)
+        mlp.intermediate_size = neurons
+    model.model.layers = nn.ModuleList([layers[i] for i in kept_layers])
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        config.layer_types = [layer_types[i] for i in kept_layers]
+    config.num_hidden_layers = len(kept_layers)
+    config.num_attention_heads = heads
+    config.num_key_value_heads = kv
+    config.head_dim = d.head_dim
+    config.intermediate_size = neurons
+    complete_biases(model)
+
+
+@torch.no_grad()
+def add_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    """Add ``bias`` to ``linear``'s output (creating the bias parameter if it has none)."""
+    bias = bias.to(linear.weight)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    else:
+        linear.bias.add_(bias)
+
+
+@torch.no_grad()
+def complete_biases(model: nn.Module) -> None:
+    """A Llama config has one bias flag for all attention projections and one for all MLP projections:
+    when any of them has a bias (bias compensation adds some), give the others zero biases and set the
+    flag, so the saved model loads with ``from_pretrained`` and nothing is initialised at random."""
+    config = model.config
+    for flag, parts, names in (
+        ("attention_bias", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp_bias", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
+        linears = [getattr(getattr(layer, parts), n) for layer in decoder_layers(model) for n in names]
+        if not any(lin.bias is not None for lin in linears):
+            continue
+        for lin in linears:
+            if lin.bias is None:
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                    requires_grad=False,
+                )
+        setattr(config, flag, True)
