@@ -458,7 +458,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         "prune": prune_info,
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
         "tune": tune_info,
-        "teacher": p.teacher.report() if not p.structured else (structure_info or {}).get("teacher"),
+        "teacher": (structure_info or {}).get("teacher") if p.structured else p.teacher.report(),
         "time_s": {
             k: round(watch.times.get(k, 0.0), 3)
             for k in ("load", "prune", "tune", "merge", "eval", "export", "total")

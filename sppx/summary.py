@@ -45,11 +45,18 @@ def summary_table(results: dict) -> Table:
         table.caption += (
             f" | {tune['steps']} steps, {tune['step_time_s']:.2f} s/step, peak {tune['peak_rss_mib']:.0f} MiB"
         )
+    structure = (results.get("prune") or {}).get("structure")
+    if structure:
+        table.caption += (
+            f" | kept per layer: {structure['heads_per_layer']} heads ({structure['kv_heads_per_layer']} K/V), "
+            f"{structure['neurons_per_layer']} neurons; {structure['layers']} layers"
+        )
     teacher = results.get("teacher") or {}
     if teacher.get("strategy") == "numerous":
+        snapshots = teacher.get("snapshots_used", teacher.get("snapshots_taken"))
         table.caption += (
             f" | {len(teacher['schedule'])} (student, teacher) stages, "
-            f"{teacher['snapshots_used']} snapshots taught (schedule in results.json)"
+            f"{snapshots} snapshots (schedule in results.json)"
         )
     return table
 

@@ -373,3 +373,24 @@ def test_structured_config_errors(tmp_path, text_file, extra, key):
         plan(compose_config(overrides, tmp_path))
     assert err.value.key == key
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("teacher", ["numerous", "dense", "none"])
+def test_nuteprune_run_learns_masks_then_exports_a_smaller_model(tmp_path, text_file, teacher):
+    overrides = structured_overrides(
+        text_file,
+        pruner="nuteprune",
+        sparsity=0.25,
+        teacher=teacher,
+        **{"pruner.steps": 6, "pruner.batch_size": 2},
+    )
+    results = run(compose_config(overrides, tmp_path), progress=False)
+    structure = results["prune"]["structure"]
+    assert results["teacher"]["strategy"] == teacher
+    assert len(results["teacher"]["schedule"]) >= 1
+    assert results["sparsity"]["measured"] == pytest.approx(structure["sparsity"], abs=1e-6)
+    assert abs(structure["sparsity"] - 0.25) <= 0.02
+    assert "mask learning" in results["prune"]["phases_s"]
+    loaded = AutoModelForCausalLM.from_pretrained(results["model_dir"])
+    assert loaded.config.num_attention_heads == structure["heads_per_layer"]
+    assert sum(p.numel() for p in loaded.parameters()) == results["params"]["total"]

@@ -30,9 +30,7 @@ class SparsityPattern:
     m: int | None = None
 
     def __post_init__(self):
-        require(
-            self.kind in PATTERN_KINDS, "pattern.kind", self.kind, f"allowed: {', '.join(PATTERN_KINDS)}"
-        )
+        require(self.kind in PATTERN_KINDS, "pattern.kind", self.kind, f"allowed: {', '.join(PATTERN_KINDS)}")
         if self.kind == "nm":
             require(is_int(self.m) and self.m >= 2, "pattern.m", self.m, "must be an integer >= 2")
             require(

@@ -9,6 +9,7 @@ from sppx.pruning.structured.baselines import (
     ShortGPTPruner,
 )
 from sppx.pruning.structured.comp import COMPPruner
+from sppx.pruning.structured.nuteprune import NutePrunePruner
 from sppx.pruning.structured.units import Budget, Dims, Structure, allocate, mask_model, shrink_model
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "FLAPPruner",
     "LLMPrunerPruner",
     "MagnitudeStructuredPruner",
+    "NutePrunePruner",
     "ShortGPTPruner",
     "Structure",
     "StructuredContext",

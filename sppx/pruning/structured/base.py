@@ -55,7 +55,7 @@ class StructuredPruner:
     neuron_multiple: int = 16  # kept neurons per layer are a multiple of this (adapter row groups, kernels)
 
     name = "structured"
-    allowed_units: tuple = UNITS
+    allowed_units = UNITS  # the unit kinds this method can remove
     needs_calibration = True
     updates_weights = True  # the model is rewritten (units removed); no dense teacher of it remains
     uses_teacher = False  # True: the teacher group drives this pruner's own training (NutePrune)
@@ -116,7 +116,7 @@ def require_layer_share(value) -> None:
 # --------------------------------------------------------------------------- shared measurements
 class InputStats:
     """Running statistics of a Linear's inputs over calibration tokens: count, sum and sum of squares
-    per input feature, and optionally the Gram matrix X^T X (float64)."""
+    per input feature, and optionally the Gram matrix X^T X (accumulated in float64)."""
 
     def __init__(self, width: int, gram: bool = False):
         self.n = 0
@@ -125,12 +125,12 @@ class InputStats:
         self.gram = torch.zeros(width, width, dtype=torch.float64) if gram else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.n += x.shape[0]
-        self.sum += x.sum(dim=0)
-        self.sumsq += (x * x).sum(dim=0)
-        if self.gram is not None:
-            self.gram += x.T @ x
+        self.sum += x.sum(dim=0).cpu().double()
+        self.sumsq += (x * x).sum(dim=0).cpu().double()
+        if self.gram is not None:  # one batch's product in fp32, the running sum in fp64
+            self.gram += (x.T @ x).cpu().double()
 
     @property
     def mean(self) -> torch.Tensor:

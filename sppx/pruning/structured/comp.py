@@ -84,12 +84,16 @@ def fit_unit_scales(
     With M = G o (W^T W) (G = X^T X) and B the column -> kept-unit indicator, the error is
     1^T M 1 - 2 m^T B^T M 1 + m^T B^T M B m; its minimiser solves (B^T M B) m = B^T M 1.
     """
-    w = weight.double()
+    w = weight.detach().double().cpu()
     m_full = gram.double() * (w.T @ w)
+    units = int(unit_of_column.max()) + 1
+    # B^T M B and B^T M 1 over all units by summing rows and columns per unit, then the kept ones.
+    per_unit = torch.zeros(units, m_full.shape[1], dtype=torch.float64).index_add_(0, unit_of_column, m_full)
     kept_t = torch.tensor(kept, dtype=torch.long)
-    indicator = (unit_of_column.unsqueeze(1) == kept_t.unsqueeze(0)).double()  # columns x kept units
-    a = indicator.T @ m_full @ indicator
-    c = indicator.T @ m_full.sum(dim=1)
+    a = torch.zeros(units, units, dtype=torch.float64).index_add_(1, unit_of_column, per_unit)[kept_t][
+        :, kept_t
+    ]
+    c = per_unit.sum(dim=1)[kept_t]
     total = float(m_full.sum())
 
     def error(m: torch.Tensor) -> float:
@@ -123,7 +127,7 @@ class COMPPruner(StructuredPruner):
     least-squares mask tuning folded into the weights; forward passes only."""
 
     units: list = None
-    layer_share: float = 0.25  # fraction of the parameter budget spent on whole layers
+    layer_share: float = 0.5  # fraction of the parameter budget spent on whole layers
     damp: float = 0.01  # lambda = damp x mean(diag G) in the condition metric
     mask_tuning: bool = True
     max_scale: float = 10.0  # a re-fit with any |scale| above this is abandoned (scales stay 1)

@@ -1,0 +1,565 @@
+"""Structured pruning compared: methods that remove layers, heads and neurons, so the model gets smaller.
+
+Every configuration is a complete ``run.py`` job in its own process (its peak memory is its own):
+structured prune -> LoRA recovery -> merge -> evaluate -> export. Per configuration: perplexity after
+pruning and after the recovery, the measured fraction of decoder projection parameters removed, the
+parameter count, the kept structure, the prune time and its peak resident memory. One reference run
+(``lora-reference``: no pruning, the same LoRA recovery) gives the memory NutePrune's mask learning is
+compared with (its prune peak over the reference's tuning peak).
+
+Speed is measured here, in this process (--threads), for the dense model and every exported model
+loaded side by side and timed in interleaved rounds (drift cancels): prefill tokens/s (one forward of
+--prefill-tokens tokens, no cache) and decode tokens/s (greedy generation of --decode-tokens tokens
+from a 16-token prompt, KV cache on), medians of --repeats after one warm-up round, with ratios to dense.
+
+Writes structured.csv, structured.md and structured.png (ppl vs parameters, before and after recovery)
+under --out. A configuration whose results.json already exists under --out is read, not run again
+(--rerun); --no-run only reads, --no-speed skips the timing.
+
+    python scripts/bench_structured.py                                  # SmolLM2-135M, every method
+    python scripts/bench_structured.py --methods comp llm_pruner --sparsities 0.2 0.3
+    python scripts/bench_structured.py --no-run --repeats 9             # re-time the exported models
+    python scripts/bench_structured.py --model tiny-llama --steps 2 --methods comp shortgpt --sparsities 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["comp", "llm_pruner", "flap", "shortgpt", "magnitude_structured", "nuteprune"]
+LABELS = {
+    "comp": "COMP",
+    "llm_pruner": "LLM-Pruner",
+    "flap": "FLAP",
+    "shortgpt": "ShortGPT",
+    "magnitude_structured": "magnitude",
+    "nuteprune": "NutePrune",
+}
+REFERENCE = "lora-reference"
+TINY = "tiny-llama"
+PROMPT_TOKENS = 16
+
+
+# --------------------------------------------------------------------------- configurations
+def tiny_corpus(path: Path) -> Path:
+    """A deterministic made-up English text, big enough for every split of a tiny smoke run."""
+    rng = random.Random(0)
+    subjects = ["the miller", "a farmer", "the river", "an old guide", "the children", "a traveller"]
+    verbs = ["walks past", "looks at", "remembers", "crosses", "follows", "talks about"]
+    objects = ["the stone bridge", "the grey mill", "a wide valley", "the harbour", "the northern hills"]
+    tails = ["in the spring", "before dawn", "every Sunday", "after the rain", "at the end of summer"]
+    docs = []
+    for _ in range(60):
+        sentences = [
+            f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)} "
+            f"{rng.choice(tails)}."
+            for _ in range(rng.randint(4, 8))
+        ]
+        docs.append(" ".join(sentences))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def model_overrides(args) -> list[str]:
+    """What every configuration shares: the model and, for the tiny model, a small data set."""
+    if args.model != TINY:
+        return [f"model={args.model}"]
+    corpus = tiny_corpus(args.out / "tiny_corpus.txt")
+    return [
+        f"model={TINY}",
+        "model.num_hidden_layers=4",
+        "data=text",
+        f"data.paths=[{corpus}]",
+        "data.seqlen=32",
+        "data.nsamples=8",
+        "data.batch_size=4",
+        "data.val_windows=4",
+        "adapter.r=4",
+        f"paths.cache_dir={args.out / 'cache'}",
+    ]
+
+
+def pruner_keys(method: str) -> set[str]:
+    """The keys of conf/pruner/<method>.yaml (empty when the file does not exist)."""
+    from omegaconf import OmegaConf
+
+    path = ROOT / "conf" / "pruner" / f"{method}.yaml"
+    return set(OmegaConf.load(path).keys()) if path.is_file() else set()
+
+
+def method_overrides(method: str, sparsity: float, args) -> list[str]:
+    words = [f"pruner={method}", "pattern=structured", f"sparsity={sparsity}"]
+    if method == "nuteprune":
+        steps = args.nuteprune_steps or (4 if args.model == TINY else 24)
+        words += ["teacher=numerous", f"pruner.steps={steps}"]
+    if args.model == TINY and "neuron_multiple" in pruner_keys(method):
+        words.append("pruner.neuron_multiple=8")
+    return words
+
+
+def configurations(args) -> list[tuple[str, str, float | None, list[str]]]:
+    """``(name, method, sparsity, overrides)``: every method x sparsity, then the LoRA reference."""
+    shared = model_overrides(args)
+    configs = [
+        (f"{m}-{s:g}", m, s, [*shared, *method_overrides(m, s, args)])
+        for m in args.methods
+        for s in args.sparsities
+    ]
+    configs.append((REFERENCE, REFERENCE, None, [*shared, "pruner=none", "teacher=none"]))
+    return configs
+
+
+def failure_reason(done: subprocess.CompletedProcess) -> str:
+    """One line: the last line naming an error (sppx's or a traceback's), else Hydra's first line."""
+    lines = [
+        line.strip()
+        for line in (done.stderr or done.stdout).splitlines()
+        if line.strip() and "HYDRA_FULL_ERROR" not in line
+    ]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [f"exit status {done.returncode}"])[-1 if errors else 0]
+
+
+def launch(name: str, overrides: list[str], args, console: Console) -> tuple[dict | None, str | None]:
+    """``(results, None)`` from <out>/runs/<name>/results.json (run first when needed), or ``(None, why)``."""
+    run_dir = args.out / "runs" / name
+    results_path = run_dir / "results.json"
+    if results_path.is_file() and not args.rerun:
+        return json.loads(results_path.read_text()), None
+    if args.no_run:
+        return None, "not run (--no-run)"
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *overrides,
+        "adapter=lora",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.val_check_interval={args.steps}",
+        f"eval.max_windows={args.eval_windows}",
+        "export=true",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.output_dir={run_dir}",
+        *args.extra,
+    ]
+    console.print(f"[bold]{name}[/bold]: {escape(shlex.join(command[2:]))}")
+    results_path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    (run_dir / "bench.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    if done.returncode == 0 and results_path.is_file():
+        console.print(f"  done in {time.perf_counter() - started:.0f} s")
+        return json.loads(results_path.read_text()), None
+    why = failure_reason(done)
+    console.print(f"[red]{name} failed[/red] (log: {run_dir / 'bench.log'}): {escape(why)}")
+    return None, why
+
+
+# --------------------------------------------------------------------------- rows
+def dig(tree, *keys):
+    """``tree[k1][k2]...``, or None where a level is missing (failed or older runs)."""
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def widths(values) -> str | None:
+    """Per-layer widths (one number, or a per-layer list) as one number when uniform, else ``min-max``."""
+    if values is None or isinstance(values, int | float):
+        return None if values is None else str(values)
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def make_row(name: str, method: str, sparsity: float | None, results: dict | None, why: str | None) -> dict:
+    r = results or {}
+    structure = dig(r, "prune", "structure") or {}
+    params = dig(r, "params", "total")
+    model_dir = r.get("model_dir")
+    if model_dir and not Path(model_dir).is_absolute():
+        model_dir = str(ROOT / model_dir)
+    return {
+        "name": name,
+        "method": method,
+        "sparsity": sparsity,
+        "status": "ok" if results else "failed",
+        "error": why,
+        "measured": dig(r, "sparsity", "measured"),
+        "params_m": params / 1e6 if params is not None else None,
+        "ppl_dense": dig(r, "ppl", "dense"),
+        "ppl_pruned": dig(r, "ppl", "pruned"),
+        "ppl_final": dig(r, "ppl", "final"),
+        "decode_tps": None,
+        "decode_speedup": None,
+        "prefill_tps": None,
+        "prefill_speedup": None,
+        "prune_peak_mib": dig(r, "prune", "peak_rss_mib"),
+        "prune_peak_increase_mib": dig(r, "prune", "peak_rss_increase_mib"),
+        "prune_time_s": None if method == REFERENCE else dig(r, "time_s", "prune"),
+        "tune_peak_mib": dig(r, "tune", "peak_rss_mib"),
+        "layers": structure.get("layers"),
+        "layers_removed": " ".join(map(str, structure.get("layers_removed") or [])),
+        "heads": widths(structure.get("heads_per_layer")),
+        "kv_heads": widths(structure.get("kv_heads_per_layer")),
+        "neurons": widths(structure.get("neurons_per_layer")),
+        "model_dir": model_dir,
+    }
+
+
+# --------------------------------------------------------------------------- speed
+def load_dense(args):
+    """The dense model through the class conf/model/<model>.yaml names, with this bench's model.* overrides."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    words = [w for w in [*model_overrides(args), *args.extra] if w.startswith("model.")]
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([w[len("model.") :] for w in words]))
+    if "cache_dir" in cfg:  # ${paths.cache_dir} in the yaml: the runs' cache, else the default one
+        given = [w.split("=", 1)[1] for w in args.extra if w.startswith("paths.cache_dir=")]
+        cfg.cache_dir = given[-1] if given else None
+    model, _ = instantiate(cfg).load()
+    return model
+
+
+def speed_sample(model, ids, new_tokens: int | None) -> float:
+    """Tokens per second of one prefill (``new_tokens`` None) or one greedy generation."""
+    import torch
+
+    with torch.inference_mode():
+        if new_tokens is None:
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            return ids.numel() / (time.perf_counter() - start)
+        prompt = ids[:, :PROMPT_TOKENS]
+        eos = model.config.eos_token_id
+        pad_id = (eos[0] if isinstance(eos, list) else eos) or 0
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )
+        return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
+
+
+def measure_speeds(rows: list[dict], args, console: Console) -> dict:
+    """``{name: (prefill tok/s, decode tok/s)}`` for "dense" and every row with an exported model."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    models = {"dense": load_dense(args)}
+    for row in rows:
+        if row["model_dir"] and Path(row["model_dir"]).is_dir():
+            model = AutoModelForCausalLM.from_pretrained(row["model_dir"], dtype=torch.float32)
+            models[row["name"]] = model.eval()
+    vocab = min(m.config.vocab_size for m in models.values())
+    ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
+    samples = {name: ([], []) for name in models}
+    names = list(models)
+    for round_ in range(args.repeats + 1):  # round 0 warms every model up
+        console.print(f"speed round {round_}/{args.repeats} ({len(names)} models)")
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:  # a different order every round
+            prefill = speed_sample(models[name], ids, None)
+            decode = speed_sample(models[name], ids, args.decode_tokens)
+            if round_:
+                samples[name][0].append(prefill)
+                samples[name][1].append(decode)
+    return {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in samples.items()}
+
+
+def add_speeds(rows: list[dict], speeds: dict) -> None:
+    dense_prefill, dense_decode = speeds["dense"]
+    for row in rows:
+        if row["name"] in speeds:
+            prefill, decode = speeds[row["name"]]
+            row.update(
+                prefill_tps=prefill,
+                decode_tps=decode,
+                prefill_speedup=prefill / dense_prefill,
+                decode_speedup=decode / dense_decode,
+            )
+
+
+# --------------------------------------------------------------------------- reporting
+COLUMNS = [
+    ("method", "method"),
+    ("sparsity", "target"),
+    ("measured", "measured"),
+    ("params_m", "params (M)"),
+    ("ppl_pruned", "ppl pruned"),
+    ("ppl_final", "ppl recovered"),
+    ("decode_tps", "decode tok/s"),
+    ("decode_speedup", "x dense"),
+    ("prefill_tps", "prefill tok/s"),
+    ("prefill_speedup", "x dense "),
+    ("prune_peak_mib", "prune peak MiB"),
+    ("prune_time_s", "prune s"),
+    ("structure", "layers / heads / kv / neurons"),
+]
+CSV_FIELDS = [
+    "name",
+    "method",
+    "sparsity",
+    "status",
+    "measured",
+    "params_m",
+    "ppl_dense",
+    "ppl_pruned",
+    "ppl_final",
+    "decode_tps",
+    "decode_speedup",
+    "prefill_tps",
+    "prefill_speedup",
+    "prune_peak_mib",
+    "prune_peak_increase_mib",
+    "prune_time_s",
+    "tune_peak_mib",
+    "layers",
+    "layers_removed",
+    "heads",
+    "kv_heads",
+    "neurons",
+    "model_dir",
+    "error",
+]
+
+
+def cell(row: dict, key: str) -> str:
+    if key == "structure":
+        if row["status"] != "ok":
+            return f"failed: {(row['error'] or '')[:60]}"
+        parts = [row["layers"], row["heads"], row["kv_heads"], row["neurons"]]
+        return " / ".join("?" if p is None else str(p) for p in parts) if row["layers"] else ""
+    value = row[key]
+    if value is None:
+        return "-" if key == "sparsity" else "n/a"
+    if key in ("ppl_pruned", "ppl_final"):
+        return f"{value:.2f}" if value < 100 else f"{value:.1f}"
+    if key in ("decode_speedup", "prefill_speedup"):
+        return f"{value:.2f}x"
+    if key in ("decode_tps", "prefill_tps", "prune_peak_mib"):
+        return f"{value:.0f}"
+    if key in ("measured", "params_m"):
+        return f"{value:.3f}"
+    if key == "sparsity":
+        return f"{value:g}"
+    if key == "method":
+        return LABELS.get(value, value)
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def headlines(rows: list[dict]) -> list[str]:
+    """A few comparisons at sparsity 0.2 (else the lowest sparsity run)."""
+    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] is not None})
+    if not sparsities:
+        return []
+    at = 0.2 if 0.2 in sparsities else sparsities[0]
+    index = {(r["method"], r["sparsity"]): r for r in rows if r["status"] == "ok"}
+    comp, ref = index.get(("comp", at)), index.get((REFERENCE, None))
+    lines = []
+    if comp:
+        for other in ("llm_pruner", "shortgpt"):
+            if (o := index.get((other, at))) and comp["ppl_pruned"] and o["ppl_pruned"]:
+                lines.append(
+                    f"at {at:g}: COMP ppl after pruning {comp['ppl_pruned']:.2f} vs {LABELS[other]} "
+                    f"{o['ppl_pruned']:.2f} ({comp['ppl_pruned'] / o['ppl_pruned']:.2f}x); recovered "
+                    f"{cell(comp, 'ppl_final')} vs {cell(o, 'ppl_final')}"
+                )
+        if comp["decode_speedup"] is not None:
+            lines.append(
+                f"at {at:g}: COMP decodes {comp['decode_speedup']:.2f}x and prefills "
+                f"{comp['prefill_speedup']:.2f}x as fast as dense ({comp['params_m']:.2f}M parameters)"
+            )
+        llmp = index.get(("llm_pruner", at))
+        mem = ratio(comp["prune_peak_increase_mib"], llmp and llmp["prune_peak_increase_mib"])
+        if mem is not None:
+            lines.append(
+                f"at {at:g}: COMP prune peak RSS increase {comp['prune_peak_increase_mib']:.0f} MiB = "
+                f"{mem:.2f}x LLM-Pruner's ({llmp['prune_peak_increase_mib']:.0f} MiB)"
+            )
+    for s in sparsities:
+        nute = index.get(("nuteprune", s))
+        mem = ratio(nute and nute["prune_peak_mib"], ref and ref["tune_peak_mib"])
+        if mem is not None:
+            lines.append(
+                f"at {s:g}: NutePrune mask-learning peak RSS {nute['prune_peak_mib']:.0f} MiB = {mem:.2f}x "
+                f"the LoRA reference's tuning peak ({ref['tune_peak_mib']:.0f} MiB)"
+            )
+    return lines
+
+
+def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    panels = [("ppl_pruned", "after pruning (no recovery)"), ("ppl_final", "after LoRA recovery")]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    ref = next((r for r in rows if r["method"] == REFERENCE and r["status"] == "ok"), None)
+
+    def usable(x, y) -> bool:
+        return x is not None and y is not None and math.isfinite(y) and y > 0
+
+    for ax, (key, heading) in zip(axes, panels, strict=True):
+        for i, method in enumerate(methods):
+            points = sorted(
+                (r["params_m"], r[key], r["sparsity"])
+                for r in rows
+                if r["method"] == method and usable(r["params_m"], r[key])
+            )
+            if not points:
+                continue
+            xs, ys, _ = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", color=f"C{i}", label=LABELS[method])
+            for x, y, s in points:
+                ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        if usable(dense["params_m"], dense["ppl"]):
+            ax.scatter(
+                [dense["params_m"]], [dense["ppl"]], marker="*", s=220, color="black", zorder=5, label="dense"
+            )
+        if key == "ppl_final" and ref and usable(ref["params_m"], ref["ppl_final"]):
+            ax.scatter(
+                [ref["params_m"]],
+                [ref["ppl_final"]],
+                marker="*",
+                s=220,
+                facecolors="none",
+                edgecolors="black",
+                zorder=5,
+                label="dense + LoRA",
+            )
+        ax.set_yscale("log")
+        ax.set_title(heading)
+        ax.set_xlabel("parameters (M)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("perplexity (log)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="a conf/model option (tiny-llama: smoke)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    parser.add_argument("--steps", type=int, default=8, help="LoRA recovery steps per configuration")
+    parser.add_argument("--nuteprune-steps", type=int, default=None, help="mask steps (24; tiny: 4)")
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the speed part")
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_structured")
+    parser.add_argument("--rerun", action="store_true", help="run again where results.json exists")
+    parser.add_argument("--no-run", action="store_true", help="run nothing: read the results there are")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    parser.add_argument("extra", nargs="*", help="more run.py overrides for every configuration")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    if not console.is_terminal:  # a log file: room for every column
+        console = Console(width=220)
+    command = shlex.join(["python", "scripts/bench_structured.py", *sys.argv[1:]])
+
+    rows = []
+    for name, method, sparsity, overrides in configurations(args):
+        results, why = launch(name, overrides, args, console)
+        rows.append(make_row(name, method, sparsity, results, why))
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        sys.exit("no configuration completed")
+
+    ref = next((r for r in done if r["method"] == REFERENCE), None)
+    dense = {
+        "ppl": next((r["ppl_dense"] for r in done if r["ppl_dense"] is not None), None),
+        "params_m": ref["params_m"] if ref else None,  # no pruning: the merged model has the dense shapes
+        "prefill": None,
+        "decode": None,
+    }
+    if not args.no_speed:
+        speeds = measure_speeds(rows, args, console)
+        add_speeds(rows, speeds)
+        dense["prefill"], dense["decode"] = speeds["dense"]
+
+    headers = [h for _, h in COLUMNS]
+    cells = [[cell(r, k) for k, _ in COLUMNS] for r in rows]
+    table = Table(*headers, title=f"Structured pruning on {args.model}: LoRA recovery {args.steps} steps")
+    for column in table.columns:
+        column.justify = "right"
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
+    news = headlines(rows)
+    for line in news:
+        console.print(f"[bold]*[/bold] {escape(line)}")
+
+    with open(args.out / "structured.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def num(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        f"Dense {args.model}: ppl {num(dense['ppl'], '.2f')}, {num(dense['params_m'], '.3f')}M parameters, "
+        f"decode {num(dense['decode'], '.1f')} tok/s, prefill {num(dense['prefill'], '.1f')} tok/s "
+        f"({args.threads} threads). LoRA recovery {args.steps} steps, {args.eval_windows} evaluation windows.",
+        "",
+        f"Command: `{command}`",
+        "",
+        *(f"| {' | '.join(line)} |" for line in [headers, ["---"] * len(headers), *cells]),
+    ]
+    if news:
+        lines += ["", *(f"- {line}" for line in news)]
+    (args.out / "structured.md").write_text("\n".join(lines) + "\n")
+    plot(
+        rows, dense, args.out / "structured.png", f"{args.model}: structured pruning, {args.steps} LoRA steps"
+    )
+    console.print(f"wrote {args.out / 'structured.csv'}, structured.md, structured.png")
+
+
+if __name__ == "__main__":
+    main()
