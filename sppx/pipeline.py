@@ -324,7 +324,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
     keeps_dense = p.teacher.needs_dense and p.tunes and not p.structured
     # A structured pruner that trains its masks uses the teacher itself; recovery then tunes on text.
     recovery_teacher = NoTeacher() if p.structured else p.teacher
-    structure_info: dict | None = None
+    structured: StructuredOutcome | None = None
     mask_steps = p.teacher.levels_for(p.target_sparsity) if keeps_dense and p.teacher.nested else 0
     keeper = DenseKeeper(p.pruner, mask_steps) if keeps_dense else None
     if not isinstance(p.pruner, NoPruner):
@@ -344,7 +344,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         phases = Stopwatch()
         if p.structured:
             with watch("prune"), PeakMemory() as peak:
-                structure_info = _prune_structured(p, model, tokens, calib, logger, phases, progress)
+                structured = _prune_structured(p, model, tokens, calib, logger, phases, progress)
         else:
             with watch("prune"), PeakMemory() as peak:
                 with phases("OWL outliers"):
@@ -363,7 +363,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
                 phases.times.pop("OWL outliers")
             prune_info["layer_targets"] = layer_targets
         prune_info.update(
-            structure=structure_info,
+            structure=structured.info if structured else None,
             phases_s={k: round(v, 3) for k, v in phases.times.items()},
             peak_rss_mib=round(peak.rss_peak / 2**20, 1),
             peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
@@ -374,7 +374,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         student_masks = StudentMasks.attach(model, masks, keeper.levels or None, mask_steps)
         masks = student_masks.keeps()  # the target masks (shared with the modules, not copied)
     release_freed_memory()
-    pruned_changed = bool(masks) or structure_info is not None
+    pruned_changed = bool(masks) or structured is not None
     if p.eval.pruned:
         ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
     else:
@@ -419,12 +419,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
 
     targets = p.pruner.targets
     report = sparsity_report(model, targets)
-    if structure_info is not None:  # removed, not zeroed: measure against the dense shapes
-        report.update(
-            structured_report(
-                model, structure_info.pop("dense_shapes"), structure_info.pop("layers_kept"), targets
-            )
-        )
+    if structured is not None:  # removed, not zeroed: measure against the dense shapes
+        report.update(structured_report(model, structured.dense_shapes, structured.layers_kept, targets))
     if dense_merge and before_merge - report["measured"] > 0:
         log.warning(
             "adapter %s merged densely: sparsity %.4f -> %.4f",
@@ -458,7 +454,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         "prune": prune_info,
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
         "tune": tune_info,
-        "teacher": (structure_info or {}).get("teacher") if p.structured else p.teacher.report(),
+        "teacher": structured.teacher if structured else p.teacher.report(),
         "time_s": {
             k: round(watch.times.get(k, 0.0), 3)
             for k in ("load", "prune", "tune", "merge", "eval", "export", "total")
@@ -495,7 +491,17 @@ def execute(p: Plan, progress: bool = True) -> dict:
     return results
 
 
-def _prune_structured(p: Plan, model, tokens: TokenizedCorpus, calib, logger, watch, progress) -> dict:
+@dataclass
+class StructuredOutcome:
+    info: dict  # results.json's prune.structure
+    teacher: dict | None  # the pruner's teacher record (NutePrune), results.json's teacher
+    dense_shapes: dict[str, tuple[int, int]]  # of the pruned Linears before pruning
+    layers_kept: list[int]  # dense indices of the layers left, in order
+
+
+def _prune_structured(
+    p: Plan, model, tokens: TokenizedCorpus, calib, logger, watch, progress
+) -> StructuredOutcome:
     """Choose the units (the pruner may rewrite kept weights), then remove them physically."""
     dims = Dims.of(model.config)
     budget = p.pruner.budget(dims, p.sparsity)
@@ -510,9 +516,6 @@ def _prune_structured(p: Plan, model, tokens: TokenizedCorpus, calib, logger, wa
     )
     if p.pruner.uses_teacher:  # it trains its masks on the tuning text
         ctx.train = consecutive_windows(tokens.streams["tuning"], p.corpus.seqlen)
-        ctx.validation = consecutive_windows(
-            tokens.streams["validation"], p.corpus.seqlen, p.corpus.val_windows
-        )
         require(
             ctx.train.shape[0] > 0, "data.seqlen", p.corpus.seqlen, "must be shorter than the tuning text"
         )
@@ -523,15 +526,13 @@ def _prune_structured(p: Plan, model, tokens: TokenizedCorpus, calib, logger, wa
     with watch("remove units"):
         shrink_model(model, structure)
     method = getattr(p.pruner, "report", None) or {}
-    return {
+    info = {
         **structure.summary(),
         "budget": {"layers": budget.layers, "heads": budget.heads, "neurons": budget.neurons},
         "head_mode": budget.head_mode,
         "method": {k: v for k, v in method.items() if k != "teacher"},
-        "teacher": method.get("teacher"),
-        "dense_shapes": dense_shapes,
-        "layers_kept": structure.layers_kept,
     }
+    return StructuredOutcome(info, method.get("teacher"), dense_shapes, structure.layers_kept)
 
 
 def _ppl(entry: dict | None) -> float | None:

@@ -283,7 +283,6 @@ def test_magnitude_structured_removes_the_smallest_neurons():
 
 def test_llm_pruner_scores_are_taylor_sums_and_leave_no_gradients():
     model = tiny_model()
-    d = Dims.of(model.config)
     calib = calibration(model, n=4, seqlen=16)
     pruner = LLMPrunerPruner(units=["neurons"], nsamples=4, seqlen=16, batch_size=2)
     s = pruner.select(model, Budget(neurons=16), StructuredContext(calibration=calib, progress=False))

@@ -29,13 +29,12 @@ SPARSITY_TOLERANCE = 0.02
 @dataclass
 class StructuredContext:
     """What a structured pruner may use besides the model: calibration windows, and (for pruners that
-    train masks) tuning and validation windows, the teacher strategy, the logger and the seed."""
+    train masks) tuning windows, the teacher strategy, the logger and the seed."""
 
     calibration: torch.Tensor | None = None
     progress: bool = True
     watch: Stopwatch = field(default_factory=Stopwatch)
     train: torch.Tensor | None = None
-    validation: torch.Tensor | None = None
     teacher: object = None
     logger: object = None
     seed: int = 0
