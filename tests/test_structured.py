@@ -28,7 +28,12 @@ from sppx.pruning.structured import (
 )
 from sppx.pruning.structured.base import block_influence
 from sppx.pruning.structured.baselines import group_sums
-from sppx.pruning.structured.comp import condition_block_scores, condition_scores, fit_unit_scales
+from sppx.pruning.structured.comp import (
+    condition_block_scores,
+    condition_scores,
+    fit_unit_scales,
+    refit_columns,
+)
 from sppx.pruning.structured.units import Budget, add_bias, complete_biases
 from tests.conftest import compose_config, tiny_run_overrides
 
@@ -213,6 +218,11 @@ def test_mask_tuning_lowers_the_output_error_and_never_raises_it():
     capped = fit_unit_scales(w, x.T @ x, torch.arange(8), kept, max_scale=1.0 + 1e-9)
     assert capped.aborted is not None and torch.equal(capped.scales, torch.ones(5, dtype=torch.float64))
     assert capped.error_after == capped.error_before
+    # Re-fitting the kept columns themselves: the error is the direct one and never above dropping.
+    refit = refit_columns(w, x.T @ x, torch.tensor(kept), damp=1e-9)
+    assert refit.aborted is None and refit.error_after <= fit.error_after
+    direct_refit = float(((x @ w.T - x[:, kept] @ refit.weight.T) ** 2).sum())
+    assert refit.error_after == pytest.approx(direct_refit, rel=1e-6)
     # Units of several columns (heads): one scale per block.
     blocks = fit_unit_scales(w, x.T @ x, torch.arange(8) // 2, [0, 2, 3], max_scale=10.0)
     assert blocks.scales.shape == (3,) and blocks.error_after <= blocks.error_before
@@ -222,18 +232,20 @@ def calibration(model, n: int = 8, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("units", [["neurons"], ["heads", "neurons"]])
-def test_comp_mask_tuning_lowers_each_layers_calibration_error(units):
+@pytest.mark.parametrize(
+    ("units", "mode"), [(["neurons"], "scales"), (["heads", "neurons"], "scales"), (["neurons"], "columns")]
+)
+def test_comp_mask_tuning_lowers_each_layers_calibration_error(units, mode):
     model = tiny_model()
     d = Dims.of(model.config)
-    pruner = COMPPruner(units=units, neuron_multiple=8)
+    pruner = COMPPruner(units=units, neuron_multiple=8, mask_tuning=mode)
     budget = pruner.budget(d, 0.3)
     s = pruner.select(model, budget, StructuredContext(calibration=calibration(model), progress=False))
     fits = pruner.report["mask_tuning"]["layers"]
     assert len(fits) == len(units) * d.layers
     assert all(f["error_after"] <= f["error_before"] for f in fits)
     assert any(f["error_after"] < f["error_before"] for f in fits)
-    untuned = COMPPruner(units=units, neuron_multiple=8, mask_tuning=False)
+    untuned = COMPPruner(units=units, neuron_multiple=8, mask_tuning="none")
     s2 = untuned.select(
         tiny_model(), budget, StructuredContext(calibration=calibration(model), progress=False)
     )
@@ -344,6 +356,10 @@ def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
     assert results["sparsity"]["measured"] == pytest.approx(structure["sparsity"], abs=1e-6)
     assert abs(results["sparsity"]["measured"] - 0.3) <= 0.02
     assert results["prune"]["peak_rss_mib"] > 0
+    # Per layer, indexed as in the dense model: a removed layer lost all of its parameters.
+    per_layer = results["sparsity"]["per_layer"]
+    assert len(per_layer) == 4 and len(structure["layers_removed"]) == 1
+    assert all((v == 1.0) == (i in structure["layers_removed"]) for i, v in enumerate(per_layer))
     loaded = AutoModelForCausalLM.from_pretrained(results["model_dir"])
     assert loaded.config.intermediate_size == structure["neurons_per_layer"]
     assert sum(p.numel() for p in loaded.parameters()) == results["params"]["total"]
@@ -361,6 +377,8 @@ def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
         ({"pruner": "comp", "pruner.units": "[layers,bogus]"}, "pruner.units"),
         ({"pruner": "flap", "pruner.head_mode": "some"}, "pruner.head_mode"),
         ({"pruner": "comp", "pruner.layer_share": 1.5}, "pruner.layer_share"),
+        ({"pruner": "comp", "pruner.mask_tuning": "maybe"}, "pruner.mask_tuning"),
+        ({"pruner": "nuteprune", "pruner.head_mode": "group"}, "pruner.head_mode"),
         # 32 divides every dense width of the tiny model but not the 72 neurons left at 30%.
         ({"pruner": "comp", "sparsity": 0.3, "adapter": "spp", "adapter.rows": 32}, "adapter.rows"),
     ],

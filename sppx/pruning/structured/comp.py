@@ -9,7 +9,8 @@
    badly conditioned columns score low). A head is a block B of o_proj columns:
    tr(W_B ([G^-1]_BB)^-1 W_B^T). Neurons are scored on down_proj, heads on o_proj.
 3. Mask tuning: one scale per kept unit, re-fitted by least squares so the pruned Linear's output
-   matches the dense Linear's output on the same calibration inputs, then folded into the weights.
+   matches the dense Linear's output on the same calibration inputs, then folded into the weights
+   (``mask_tuning=columns`` re-fits the kept columns themselves instead).
    A solve is abandoned (scales 1) when it is ill-conditioned (any |m| > ``max_scale`` or not finite)
    or when it would not lower the calibration error, so tuning never increases it.
 """
@@ -114,11 +115,54 @@ def fit_unit_scales(
     return ScaleFit(m, before, after, None)
 
 
+@dataclass
+class ColumnFit:
+    weight: torch.Tensor  # the kept columns' re-fitted weights (out x kept columns), float64
+    error_before: float
+    error_after: float
+    aborted: str | None
+
+
+def refit_columns(weight: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, damp: float) -> ColumnFit:
+    """Least-squares re-fit of the kept input columns S of a Linear to the dense output on the same
+    inputs: W_S' = W G[:, S] (G[S, S] + lambda I)^-1 (lambda = ``damp`` x mean diag G[S, S]); the error
+    ||X W^T - X_S W_S'^T||^2 = tr(W G W^T) - 2 tr(W_S' G[S, :] W^T) + tr(W_S' G[S, S] W_S'^T).
+    Dropped (columns unchanged) when not finite or when it would not lower the calibration error."""
+    w, g = weight.detach().double().cpu(), gram.double()
+    g_ss = g[columns][:, columns]
+    cross = w @ g[:, columns]  # W G[:, S]
+    total = float((w @ g * w).sum())
+
+    def error(w_s: torch.Tensor) -> float:
+        return total - 2 * float((w_s * cross).sum()) + float((w_s @ g_ss * w_s).sum())
+
+    kept = w[:, columns]
+    before = error(kept)
+    lam = damp * float(torch.diagonal(g_ss).mean()) + 1e-12
+    try:
+        chol = torch.linalg.cholesky(g_ss + lam * torch.eye(len(columns), dtype=g.dtype))
+        refit = torch.cholesky_solve(cross.T, chol).T
+    except RuntimeError:
+        return ColumnFit(kept, before, before, "singular system")
+    if not bool(torch.isfinite(refit).all()):
+        return ColumnFit(kept, before, before, "not finite")
+    after = error(refit)
+    if not after <= before:
+        return ColumnFit(kept, before, before, "no improvement")
+    return ColumnFit(refit, before, after, None)
+
+
 @torch.no_grad()
 def fold_column_scales(linear: nn.Linear, columns: torch.Tensor, scales: torch.Tensor) -> None:
     """Multiply input columns ``columns`` of ``linear`` by ``scales`` (same length)."""
     w = linear.weight
     w[:, columns.to(w.device)] *= scales.to(w)
+
+
+# scales: one scale per kept unit (the abort rule |m| > max_scale applies); columns: re-fit every kept
+# column of o_proj / down_proj (damped least squares: a lower layer error, but a worse perplexity on
+# SmolLM2-135M at 20%: 57.5 vs 55.2); none: the chosen units are only removed.
+MASK_TUNING = ("scales", "columns", "none")
 
 
 @dataclass
@@ -129,7 +173,7 @@ class COMPPruner(StructuredPruner):
     units: list = None
     layer_share: float = 0.5  # fraction of the parameter budget spent on whole layers
     damp: float = 0.01  # lambda = damp x mean(diag G) in the condition metric
-    mask_tuning: bool = True
+    mask_tuning: str = "scales"  # scales | columns | none (see MASK_TUNING)
     max_scale: float = 10.0  # a re-fit with any |scale| above this is abandoned (scales stay 1)
 
     name = "comp"
@@ -141,10 +185,10 @@ class COMPPruner(StructuredPruner):
         require_layer_share(self.layer_share)
         require(is_number(self.damp) and self.damp > 0, "pruner.damp", self.damp, "must be a number > 0")
         require(
-            isinstance(self.mask_tuning, bool),
+            self.mask_tuning in MASK_TUNING,
             "pruner.mask_tuning",
             self.mask_tuning,
-            "must be true or false",
+            f"allowed: {', '.join(MASK_TUNING)}",
         )
         require(
             is_number(self.max_scale) and self.max_scale > 1,
@@ -220,13 +264,19 @@ class COMPPruner(StructuredPruner):
     def _tune(
         self, layer: int, kind: str, linear: nn.Linear, gram, unit_of_column, kept: list[int], width: int
     ):
-        """Fit and fold the kept units' scales (or record the untuned error)."""
-        fit = fit_unit_scales(linear.weight, gram, unit_of_column, kept, self.max_scale)
-        if self.mask_tuning and fit.aborted is None:
-            columns = torch.cat([torch.arange(u * width, (u + 1) * width) for u in kept])
-            fold_column_scales(linear, columns, fit.scales.repeat_interleave(width))
-        elif not self.mask_tuning:
-            fit = ScaleFit(fit.scales, fit.error_before, fit.error_before, "mask_tuning=false")
+        """Re-fit the kept columns or units' scales and write them into ``linear`` (or record the
+        untuned error with mask_tuning=none)."""
+        columns = torch.cat([torch.arange(u * width, (u + 1) * width) for u in kept])
+        if self.mask_tuning == "columns":
+            fit = refit_columns(linear.weight, gram, columns, self.damp)
+            if fit.aborted is None:
+                linear.weight[:, columns.to(linear.weight.device)] = fit.weight.to(linear.weight)
+        else:
+            fit = fit_unit_scales(linear.weight, gram, unit_of_column, kept, self.max_scale)
+            if self.mask_tuning == "scales" and fit.aborted is None:
+                fold_column_scales(linear, columns, fit.scales.repeat_interleave(width))
+            elif self.mask_tuning == "none":
+                fit = ScaleFit(fit.scales, fit.error_before, fit.error_before, "mask_tuning=none")
         return {
             "layer": layer,
             "units": kind,
