@@ -287,7 +287,9 @@ def test_a_teacher_pass_reuses_the_students_storage(tiny):
 
 def test_dense_teacher_gives_zero_distillation_loss_with_open_gates_at_step_0(tiny):
     model, _ = tiny
-    learner = MaskLearner(model, NutePrunePruner(), 0.3, DenseTeacher(lm_weight=0.0, hidden_weight=1.0), 0)
+    learner = MaskLearner(
+        model, NutePrunePruner(ramp_from_init=False), 0.3, DenseTeacher(lm_weight=0.0, hidden_weight=1.0), 0
+    )
     learner.install()  # LoRA B starts at zero, the multipliers at zero
     ids = windows(2, 16)
     terms = learner.losses(ids, 0, learner.gates.ones())

@@ -27,8 +27,9 @@ is merged into the base weights and every hook and wrapper is removed; the pipel
 pruned units physically.
 
 Other adaptations: log_alpha starts at CoFi's ``droprate_init`` value (0.5: log_alpha = 0, keep
-probability 0.83, so s_hat starts near 0.15 and the Lagrangian first pulls it down to the ramp;
-``ramp_from_init`` starts the ramp at that initial s_hat instead, which settles sooner in short runs);
+probability 0.83, so s_hat starts near 0.15); by default (``ramp_from_init``) the target ramps from
+that initial s_hat instead of from 0, where the Lagrangian would first spend steps pulling s_hat down
+(SmolLM2-135M at 20%, 40 steps: pruned ppl 337 ramping from s_hat, 2422 ramping from 0);
 snapshots are taken on upward crossings during the ramp only (a level crossed again replaces its
 snapshot); the teacher's ``start`` and ``warmup`` (nested one-shot masks) do not apply here: the
 pruner's ``warmup`` sets the ramp. With AdamW at lr 0.1 on both the gates and the multipliers the
@@ -459,7 +460,7 @@ class NutePrunePruner(StructuredPruner):
     head_mode: str = "query"
     batch_size: int = 4  # training windows per optimizer step
     steps: int = 40  # optimizer steps of mask learning
-    warmup: float = 0.5  # fraction of the steps over which the target sparsity ramps up from 0
+    warmup: float = 0.5  # fraction of the steps over which the target sparsity ramps up
     mask_lr: float = 0.1
     lambda_lr: float = 0.1
     lora_r: int = 8
@@ -467,7 +468,7 @@ class NutePrunePruner(StructuredPruner):
     lora_lr: float = 1e-3
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     droprate_init: float = 0.5
-    ramp_from_init: bool = False  # true: the target ramps from the gates' initial s_hat, not from 0
+    ramp_from_init: bool = True  # the target ramps from the gates' initial s_hat (false: from 0)
     accelerator: str = "auto"  # Lightning accelerator of mask learning (auto: the GPU when there is one)
 
     name = "nuteprune"
