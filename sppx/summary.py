@@ -53,10 +53,13 @@ def summary_table(results: dict) -> Table:
         )
     teacher = results.get("teacher") or {}
     if teacher.get("strategy") == "numerous":
-        snapshots = teacher.get("snapshots_used", teacher.get("snapshots_taken"))
+        snapshots = (
+            f"{teacher['snapshots_used']} snapshots taught"
+            if "snapshots_used" in teacher
+            else f"{teacher['snapshots_taken']} snapshots taken"  # NutePrune's mask learning
+        )
         table.caption += (
-            f" | {len(teacher['schedule'])} (student, teacher) stages, "
-            f"{snapshots} snapshots (schedule in results.json)"
+            f" | {len(teacher['schedule'])} (student, teacher) stages, {snapshots} (schedule in results.json)"
         )
     return table
 
