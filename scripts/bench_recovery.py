@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from sppx.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # Adapter variants: a name -> its run.py overrides. spp_fused is SPP without adapter dropout, where
@@ -58,9 +59,10 @@ def run_config(out: Path, pattern: str, adapter: str, teacher: str, args, consol
     name = f"{pattern.replace(':', 'of').replace('%', 'pct')}-{adapter}-{teacher}"
     run_dir = out / name
     results_path = run_dir / "results.json"
-    if not results_path.is_file() and args.no_run:
+    r = None if args.rerun else read_results(results_path)  # a failed run's record: run again
+    if r is None and args.no_run:
         return None
-    if not results_path.is_file() or args.rerun:
+    if r is None:
         command = [
             sys.executable,
             str(ROOT / "run.py"),
@@ -80,11 +82,11 @@ def run_config(out: Path, pattern: str, adapter: str, teacher: str, args, consol
         ]
         console.print(f"[bold]{name}[/bold]: {' '.join(command[2:])}")
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0 or not results_path.is_file():
+        r = read_results(results_path)
+        if done.returncode != 0 or r is None:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             console.print(f"[red]{name} failed[/red]: {tail[0]}")
             return None
-    r = json.loads(results_path.read_text())
     return {
         "pattern": pattern,
         "adapter": adapter,

@@ -7,10 +7,12 @@ parameter count, the kept structure, the prune time and its peak resident memory
 (``lora-reference``: no pruning, the same LoRA recovery) gives the memory NutePrune's mask learning is
 compared with (its prune peak over the reference's tuning peak).
 
-Speed is measured here, in this process (--threads), for the dense model and every exported model
-loaded side by side and timed in interleaved rounds (drift cancels): prefill tokens/s (one forward of
---prefill-tokens tokens, no cache) and decode tokens/s (greedy generation of --decode-tokens tokens
-from a 16-token prompt, KV cache on), medians of --repeats after one warm-up round, with ratios to dense.
+Speed is measured here, in this process (--threads), for the dense model and every exported model,
+all loaded alike (weights copied out of the file map) and timed side by side in interleaved rounds
+(sppx.speed: drift cancels): prefill tokens/s (one forward of --prefill-tokens tokens, no cache) and
+decode tokens/s (greedy generation of --decode-tokens tokens from a 16-token prompt, KV cache on),
+medians of --repeats after one warm-up round, with ratios to dense. The LoRA reference has the dense
+shapes, so its ratios show the timing noise.
 
 Writes structured.csv, structured.md and structured.png (ppl vs parameters, before and after recovery)
 under --out. A configuration whose results.json already exists under --out is read, not run again
@@ -26,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import random
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +39,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from sppx.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["comp", "llm_pruner", "flap", "shortgpt", "magnitude_structured", "nuteprune"]
@@ -140,8 +142,9 @@ def launch(name: str, overrides: list[str], args, console: Console) -> tuple[dic
     """``(results, None)`` from <out>/runs/<name>/results.json (run first when needed), or ``(None, why)``."""
     run_dir = args.out / "runs" / name
     results_path = run_dir / "results.json"
-    if results_path.is_file() and not args.rerun:
-        return json.loads(results_path.read_text()), None
+    done_before = None if args.rerun else read_results(results_path)  # a failed run's record: run again
+    if done_before is not None:
+        return done_before, None
     if args.no_run:
         return None, "not run (--no-run)"
     command = [
@@ -164,9 +167,10 @@ def launch(name: str, overrides: list[str], args, console: Console) -> tuple[dic
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     (run_dir / "bench.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    if done.returncode == 0 and results_path.is_file():
+    results = read_results(results_path)
+    if done.returncode == 0 and results is not None:
         console.print(f"  done in {time.perf_counter() - started:.0f} s")
-        return json.loads(results_path.read_text()), None
+        return results, None
     why = failure_reason(done)
     console.print(f"[red]{name} failed[/red] (log: {run_dir / 'bench.log'}): {escape(why)}")
     return None, why
@@ -243,70 +247,42 @@ def load_dense(args):
     return model
 
 
-def speed_sample(model, ids, new_tokens: int | None) -> float:
-    """Tokens per second of one prefill (``new_tokens`` None) or one greedy generation."""
-    import torch
-
-    with torch.inference_mode():
-        if new_tokens is None:
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
-            return ids.numel() / (time.perf_counter() - start)
-        prompt = ids[:, :PROMPT_TOKENS]
-        eos = model.config.eos_token_id
-        pad_id = (eos[0] if isinstance(eos, list) else eos) or 0
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad_id,
-        )
-        return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
-
-
 def measure_speeds(rows: list[dict], args, console: Console) -> dict:
-    """``{name: (prefill tok/s, decode tok/s)}`` for "dense" and every row with an exported model."""
+    """``{name: Speed}`` for "dense" and every row with an exported model, all loaded alike (weights
+    copied out of the file map) and timed side by side in interleaved rounds."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from sppx.models import load_pretrained
+    from sppx.speed import compare_speeds
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     models = {"dense": load_dense(args)}
     for row in rows:
         if row["model_dir"] and Path(row["model_dir"]).is_dir():
-            model = AutoModelForCausalLM.from_pretrained(row["model_dir"], dtype=torch.float32)
-            models[row["name"]] = model.eval()
-    vocab = min(m.config.vocab_size for m in models.values())
-    ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
-    samples = {name: ([], []) for name in models}
-    names = list(models)
-    for round_ in range(args.repeats + 1):  # round 0 warms every model up
-        console.print(f"speed round {round_}/{args.repeats} ({len(names)} models)")
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:  # a different order every round
-            prefill = speed_sample(models[name], ids, None)
-            decode = speed_sample(models[name], ids, args.decode_tokens)
-            if round_:
-                samples[name][0].append(prefill)
-                samples[name][1].append(decode)
-    return {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in samples.items()}
+            models[row["name"]] = load_pretrained(row["model_dir"])
+    return compare_speeds(
+        models,
+        prefill_tokens=args.prefill_tokens,
+        decode_tokens=args.decode_tokens,
+        prompt_tokens=PROMPT_TOKENS,
+        repeats=args.repeats,
+        on_round=lambda i, n: console.print(f"speed round {i}/{n} ({len(models)} models)"),
+    )
 
 
 def add_speeds(rows: list[dict], speeds: dict) -> None:
-    dense_prefill, dense_decode = speeds["dense"]
+    dense = speeds["dense"]
     for row in rows:
         if row["name"] in speeds:
-            prefill, decode = speeds[row["name"]]
+            speed = speeds[row["name"]]
+            ratios = speed.ratios(dense)
             row.update(
-                prefill_tps=prefill,
-                decode_tps=decode,
-                prefill_speedup=prefill / dense_prefill,
-                decode_speedup=decode / dense_decode,
+                prefill_tps=speed.prefill_tps,
+                decode_tps=speed.decode_tps,
+                prefill_speedup=ratios["prefill_x"],
+                decode_speedup=ratios["decode_x"],
             )
 
 
@@ -411,6 +387,11 @@ def headlines(rows: list[dict]) -> list[str]:
                 f"at {at:g}: COMP prune peak RSS increase {comp['prune_peak_increase_mib']:.0f} MiB = "
                 f"{mem:.2f}x LLM-Pruner's ({llmp['prune_peak_increase_mib']:.0f} MiB)"
             )
+    if ref and ref["decode_speedup"] is not None:  # same shapes as dense: what timing noise looks like
+        lines.append(
+            f"timing control: the LoRA reference (dense shapes) decodes {ref['decode_speedup']:.2f}x and "
+            f"prefills {ref['prefill_speedup']:.2f}x as fast as dense"
+        )
     for s in sparsities:
         nute = index.get(("nuteprune", s))
         mem = ratio(nute and nute["prune_peak_mib"], ref and ref["tune_peak_mib"])
@@ -521,7 +502,7 @@ def main() -> None:
     if not args.no_speed:
         speeds = measure_speeds(rows, args, console)
         add_speeds(rows, speeds)
-        dense["prefill"], dense["decode"] = speeds["dense"]
+        dense["prefill"], dense["decode"] = speeds["dense"].prefill_tps, speeds["dense"].decode_tps
 
     headers = [h for _, h in COLUMNS]
     cells = [[cell(r, k) for k, _ in COLUMNS] for r in rows]

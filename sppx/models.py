@@ -63,6 +63,11 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
     return model.eval()
 
 
+def load_pretrained(path, dtype: str = "float32", **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` then :func:`_finish` (eval mode, weights in memory)."""
+    return _finish(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs))
+
+
 # --------------------------------------------------------------------------- embedded default
 @dataclass(frozen=True)
 class _Embedded:
@@ -122,9 +127,8 @@ class EmbeddedModel:
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if not (self.cache_path / "model.safetensors").is_file():
             self._convert()
-        model = AutoModelForCausalLM.from_pretrained(self.cache_path, dtype=torch_dtype(self.dtype))
-        tokenizer = AutoTokenizer.from_pretrained(self.cache_path)
-        return _finish(model), tokenizer
+        model = load_pretrained(self.cache_path, self.dtype)
+        return model, AutoTokenizer.from_pretrained(self.cache_path)
 
     def _convert(self) -> None:
         """Dequantize the GGUF once and write an fp32 HF folder (temporary name, then rename)."""
@@ -188,11 +192,8 @@ class HubModel:
             ) from None
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model = AutoModelForCausalLM.from_pretrained(
-            self.name_or_path, dtype=torch_dtype(self.dtype), **self._kwargs()
-        )
-        tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **self._kwargs())
-        return _finish(model), tokenizer
+        model = load_pretrained(self.name_or_path, self.dtype, **self._kwargs())
+        return model, AutoTokenizer.from_pretrained(self.name_or_path, **self._kwargs())
 
 
 # --------------------------------------------------------------------------- tiny random Llama
