@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import random
 import shlex
@@ -54,7 +55,6 @@ LABELS = {
 }
 REFERENCE = "lora-reference"
 TINY = "tiny-llama"
-PROMPT_TOKENS = 16
 
 
 # --------------------------------------------------------------------------- configurations
@@ -266,7 +266,6 @@ def measure_speeds(rows: list[dict], args, console: Console) -> dict:
         models,
         prefill_tokens=args.prefill_tokens,
         decode_tokens=args.decode_tokens,
-        prompt_tokens=PROMPT_TOKENS,
         repeats=args.repeats,
         on_round=lambda i, n: console.print(f"speed round {i}/{n} ({len(models)} models)"),
     )
@@ -503,6 +502,8 @@ def main() -> None:
         speeds = measure_speeds(rows, args, console)
         add_speeds(rows, speeds)
         dense["prefill"], dense["decode"] = speeds["dense"].prefill_tps, speeds["dense"].decode_tps
+        samples = {n: {"prefill": s.prefill_samples, "decode": s.decode_samples} for n, s in speeds.items()}
+        (args.out / "speed_samples.json").write_text(json.dumps(samples, indent=1))
 
     headers = [h for _, h in COLUMNS]
     cells = [[cell(r, k) for k, _ in COLUMNS] for r in rows]

@@ -22,6 +22,11 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
 
 
+class RunError(RuntimeError):
+    """A run that cannot finish although its input was valid (training diverged, an invariant broke):
+    ``str(err)`` is one line saying what happened and what is left on disk."""
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ``ConfigError(key, value, allowed)`` unless ``ok``."""
     if not ok:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from sppx.errors import RunError
 from sppx.pruning.sequential import layers_prefix, prunable_linears
 
 
-class SparsityViolation(AssertionError):
+class SparsityViolation(RunError, AssertionError):
     """A weight that the pruner zeroed is no longer exactly zero."""
 
 
@@ -121,15 +123,31 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "nonzero": nonzero, "trainable": trainable}
 
 
-def save_model(model, tokenizer, directory: Path) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer into ``directory``, written under a temporary name
-    and renamed, so an interrupted export never leaves a complete-looking folder."""
+def save_model(
+    model,
+    tokenizer,
+    directory: Path,
+    card: str | None = None,
+    verify: Callable[[Path], object] | None = None,
+) -> Path:
+    """``save_pretrained`` (safetensors only) + tokenizer (+ ``card`` as README.md) into ``directory``.
+
+    Everything is written under a temporary name, ``verify(tmp)`` (e.g. the zero check on the saved
+    files) runs on it, and only then is it renamed: an interrupted or failed export never leaves a
+    complete-looking folder."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        model.save_pretrained(tmp)  # safetensors (the default since transformers 4.35)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        unsafe = [f.name for f in tmp.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        if unsafe:
+            raise RuntimeError(f"the export wrote pickled weights {unsafe}; only safetensors are allowed")
+        if verify is not None:
+            verify(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

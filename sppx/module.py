@@ -11,7 +11,7 @@ import torch
 from torchmetrics import SumMetric
 from transformers import get_scheduler
 
-from sppx.errors import is_number, require
+from sppx.errors import is_int, is_number, require
 from sppx.evaluate import next_token_nll
 from sppx.teachers import NoTeacher
 
@@ -27,6 +27,7 @@ class TuneConfig:
     warmup_ratio: float = 0.03
     schedule: str = "linear"
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 10  # optimizer steps between adapter-only checkpoints (0: none)
 
     def __post_init__(self):
         require(is_number(self.lr) and 0 < self.lr < 1, "tune.lr", self.lr, "must be a number in (0, 1)")
@@ -51,6 +52,12 @@ class TuneConfig:
             self.gradient_checkpointing,
             "must be true or false",
         )
+        require(
+            is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+            "tune.checkpoint_every",
+            self.checkpoint_every,
+            "must be an integer >= 0 (0: no checkpoints)",
+        )
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -73,7 +80,13 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
 
 class TuneModule(pl.LightningModule):
     """Trains only the parameters left with ``requires_grad`` (the adapter's); logs train/loss,
-    train/lr and val/ppl (validation windows, the evaluation protocol's arithmetic)."""
+    train/lr and val/ppl (validation windows, the evaluation protocol's arithmetic).
+
+    Checkpoints hold only the trainable tensors (and Lightning's optimizer, scheduler and loop state),
+    never the frozen weights, and are refused when a tensor is not finite, so the last checkpoint on
+    disk is always a good one."""
+
+    strict_loading = False  # checkpoints leave the frozen weights out; on_load_checkpoint checks the rest
 
     def __init__(self, model: torch.nn.Module, tune: TuneConfig, teacher=None):
         super().__init__()
@@ -88,6 +101,28 @@ class TuneModule(pl.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_keys(self) -> set[str]:
+        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.trainable_keys()
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+        if bad:
+            raise FloatingPointError(
+                f"adapter tensors are not finite after step {self.global_step} ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); no checkpoint written for it"
+            )
+        checkpoint["state_dict"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self.trainable_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"the checkpoint does not hold this adapter: {len(missing)} trainable tensors missing, "
+                f"e.g. {sorted(missing)[0]}"
+            )
 
     def on_train_batch_start(self, batch, batch_idx):
         self._step_start = time.perf_counter()
@@ -116,7 +151,7 @@ class TuneModule(pl.LightningModule):
         loss, extra = self.teacher.loss(out, teacher_out, lm_loss, attention_mask)
         del teacher_out
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+            raise FloatingPointError(f"the training loss is {loss.item()} at step {self.global_step + 1}")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lm_loss", lm_loss)
         for key, value in extra.items():

@@ -10,9 +10,10 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import shlex
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,10 +22,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from transformers import AutoModelForCausalLM
 
 from sppx.adapters.base import Adapter
+from sppx.card import model_card
 from sppx.data import (
     Corpus,
     TokenizedCorpus,
@@ -34,7 +36,7 @@ from sppx.data import (
     windows_digest,
     write_json_atomic,
 )
-from sppx.errors import ConfigError, is_int, require, require_fraction, require_positive_int
+from sppx.errors import ConfigError, RunError, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig, perplexity
 from sppx.export import (
     parameter_counts,
@@ -53,12 +55,16 @@ from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
 from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
 from sppx.pruning.structured import Dims, StructuredContext, StructuredPruner, shrink_model
+from sppx.results import RESULTS_FILE
+from sppx.speed import PROMPT_TOKENS, compare_speeds
 from sppx.teachers import NoTeacher
+from sppx.zeroshot import Tasks, evaluate_tasks, load_tasks, mean_accuracy
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
 GROUPS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "trainer", "logger")
+TOP_LEVEL_KEYS = (*GROUPS, "paths", "tune", "eval", "seed", "sparsity", "export")
 
 
 # --------------------------------------------------------------------------- plan: all checks, no weights
@@ -118,6 +124,8 @@ class Plan:
     output_dir: Path
     cache_dir: Path
     cfg: DictConfig
+    tasks: Tasks = field(default_factory=Tasks)  # zero-shot tasks, loaded (datasets included)
+    command: str | None = None  # the command line that reproduces the run, when known
 
     @property
     def target_sparsity(self) -> float:
@@ -139,14 +147,27 @@ def linear_shapes(model_config, targets: list[str]) -> dict[str, tuple[int, int]
     return {name: tuple(lin.weight.shape) for name, lin in prunable_linears(skeleton, targets).items()}
 
 
-def plan(cfg: DictConfig) -> Plan:
-    """Resolve and check the whole config (and the model's shapes) before any weights are read."""
+def command_line(overrides: list[str] | None) -> str | None:
+    """``python run.py <overrides>`` (shell-quoted), or None when the overrides are not known."""
+    return None if overrides is None else shlex.join(["python", "run.py", *overrides])
+
+
+def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
+    """Resolve and check the whole config (and the model's shapes) before any weights are read;
+    ``overrides`` (the command line's) are recorded so the outputs can say how to reproduce them."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError("config", "", str(err).splitlines()[0]) from None
+    unknown = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            key, cfg.get(key), f"is not a setting of sppx; top-level keys are: {', '.join(TOP_LEVEL_KEYS)}"
+        )
     sparsity = require_fraction("sparsity", cfg.get("sparsity"))
-    seed = require_positive_int("seed", cfg.get("seed"), minimum=0)
+    seed = cfg.get("seed")
+    require(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "must be an integer in [0, 2**32)")
     require(isinstance(cfg.get("export"), bool), "export", cfg.get("export"), "must be true or false")
     for key in (*GROUPS, "tune", "eval"):
         allowed = (
@@ -187,6 +208,7 @@ def plan(cfg: DictConfig) -> Plan:
         output_dir=Path(cfg.paths.output_dir),
         cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else default_cache_dir(),
         cfg=cfg,
+        command=command_line(overrides),
     )
     if (
         p.pattern.is_nm
@@ -234,6 +256,8 @@ def plan(cfg: DictConfig) -> Plan:
     if p.tunes:
         p.adapter.check_shapes(adapter_shapes or linear_shapes(model_config, p.adapter.targets))
     check_teacher(p)
+    if p.eval.zero_shot:  # last: the slowest check (it loads every task's dataset)
+        p.tasks = load_tasks(p.eval.tasks, p.eval.tasks_optional, p.cache_dir)
     return p
 
 
@@ -290,6 +314,38 @@ def _quiet_lightning() -> None:
 
 
 def execute(p: Plan, progress: bool = True) -> dict:
+    """Run the plan. A run that fails (or is interrupted) leaves a ``results.json`` whose status says so,
+    with the error's first line, and never a complete-looking ``model/``."""
+    try:
+        return _execute(p, progress)
+    except BaseException as err:
+        _record_failure(p, err)
+        raise
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _record_failure(p: Plan, err: BaseException) -> None:
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    try:
+        write_json_atomic(
+            p.output_dir / RESULTS_FILE,
+            {
+                "status": status,
+                "error": _one_line(err),
+                "error_type": type(err).__name__,
+                "command": p.command,
+                "config": OmegaConf.to_container(p.cfg, resolve=True),
+            },
+        )
+    except OSError as write_err:  # keep the original error the one that is raised
+        log.error("could not record the failure in %s: %s", p.output_dir / RESULTS_FILE, write_err)
+
+
+def _execute(p: Plan, progress: bool) -> dict:
     cfg, watch = p.cfg, Stopwatch()
     start = time.perf_counter()
     p.output_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +369,18 @@ def execute(p: Plan, progress: bool = True) -> dict:
         with watch("eval"):
             return perplexity(model, eval_windows, p.eval.batch_size, desc=f"ppl ({desc})", progress=progress)
 
+    zero_shot: dict[str, dict] = {}  # stage -> task -> metrics
+
+    def measure_tasks(stage: str) -> None:
+        if p.eval.tasks_at(stage):
+            log.info("Zero-shot tasks on the %s model: %s", stage, ", ".join(p.tasks.tasks))
+            with watch("zero-shot"):
+                zero_shot[stage] = evaluate_tasks(
+                    model, tokenizer, p.tasks, p.eval.task_batch_size, p.eval.task_limit
+                )
+
     ppl: dict[str, dict | None] = {"dense": measure("dense") if p.eval.dense else None}
+    measure_tasks("dense")
 
     # Prune.
     masks: dict[str, torch.Tensor] = {}
@@ -379,6 +446,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         ppl["pruned"] = measure("pruned") if pruned_changed or ppl["dense"] is None else ppl["dense"]
     else:
         ppl["pruned"] = None
+    measure_tasks("pruned")
 
     # Tune (only adapter parameters train), then merge and verify.
     trainable = 0
@@ -408,14 +476,8 @@ def execute(p: Plan, progress: bool = True) -> dict:
         zeros_checked = 0 if dense_merge else verify_model_zeros(model, masks)
     model.requires_grad_(False)
     ppl["final"] = measure("final") if p.tunes or ppl["pruned"] is None else ppl["pruned"]
-
-    # Export and re-check the invariant on the files written.
-    model_dir = None
-    if p.export:
-        with watch("export"):
-            model_dir = save_model(model, tokenizer, p.output_dir / "model")
-            if not dense_merge:
-                verify_saved_zeros(model_dir, masks)
+    measure_tasks("final")
+    speed = _measure_speed(p, model, watch, progress) if p.eval.speed else None
 
     targets = p.pruner.targets
     report = sparsity_report(model, targets)
@@ -429,9 +491,9 @@ def execute(p: Plan, progress: bool = True) -> dict:
             report["measured"],
         )
     counts = parameter_counts(model)
-    watch.times["total"] = time.perf_counter() - start
     results = {
         "status": "complete",
+        "command": p.command,
         "ppl": {
             "dense": _ppl(ppl["dense"]),
             "pruned": _ppl(ppl["pruned"]),
@@ -439,12 +501,15 @@ def execute(p: Plan, progress: bool = True) -> dict:
             "seqlen": int(eval_windows.shape[1]),
             "windows": int(eval_windows.shape[0]),
         },
+        "zeroshot": _zero_shot_report(p, zero_shot) if p.eval.zero_shot else None,
+        "speed": speed,
         "sparsity": {
             "target": p.target_sparsity,
             "measured": report["measured"],
             "pattern": p.pattern.label,
             "requested": p.sparsity,
             "zeros_verified": zeros_checked,
+            "zeros_verified_on_disk": 0,
             "before_merge": before_merge if dense_merge else report["measured"],
             "lost_in_merge": before_merge - report["measured"] if dense_merge else 0.0,
             "per_type": report["per_type"],
@@ -455,10 +520,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
         "params": {"total": counts["total"], "nonzero": counts["nonzero"], "trainable": trainable},
         "tune": tune_info,
         "teacher": structured.teacher if structured else p.teacher.report(),
-        "time_s": {
-            k: round(watch.times.get(k, 0.0), 3)
-            for k in ("load", "prune", "tune", "merge", "eval", "export", "total")
-        },
+        "time_s": {},
         "choices": {
             "model": p.model.name,
             "data": p.corpus.name,
@@ -472,23 +534,121 @@ def execute(p: Plan, progress: bool = True) -> dict:
             "calibration_windows": calibration["windows"] if calibration else 0,
             "calibration": calibration,
         },
-        "model_dir": str(model_dir) if model_dir else None,
+        "model_dir": None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    final_metrics = {
-        "test/ppl": results["ppl"]["final"],
-        "test/ppl_dense": results["ppl"]["dense"],
-        "test/ppl_pruned": results["ppl"]["pruned"],
-        "prune/sparsity": report["measured"],
-        "prune/time_s": results["time_s"]["prune"],
-        "model/params_nonzero": counts["nonzero"],
-        "model/params_trainable": trainable,
+
+    # Export (with its model card); the zeros are re-checked on the files before the folder is renamed.
+    if p.export:
+        with watch("export"):
+
+            def verify(directory: Path) -> None:
+                if not dense_merge:
+                    results["sparsity"]["zeros_verified_on_disk"] = verify_saved_zeros(directory, masks)
+
+            model_dir = save_model(model, tokenizer, p.output_dir / "model", model_card(results), verify)
+        results["model_dir"] = str(model_dir)
+    watch.times["total"] = time.perf_counter() - start
+    results["time_s"] = {
+        k: round(watch.times.get(k, 0.0), 3)
+        for k in ("load", "prune", "tune", "merge", "eval", "zero-shot", "speed", "export", "total")
     }
-    logger.log_metrics({k: v for k, v in final_metrics.items() if v is not None})
+    logger.log_metrics({k: v for k, v in _final_metrics(results).items() if v is not None})
     logger.save()
     logger.finalize("success")
     write_json_atomic(p.output_dir / RESULTS_FILE, results)
     return results
+
+
+def _final_metrics(results: dict) -> dict:
+    """The run's final numbers under the metric names every logger gets."""
+    metrics = {
+        "test/ppl": results["ppl"]["final"],
+        "test/ppl_dense": results["ppl"]["dense"],
+        "test/ppl_pruned": results["ppl"]["pruned"],
+        "prune/sparsity": results["sparsity"]["measured"],
+        "prune/time_s": results["time_s"]["prune"],
+        "model/params_nonzero": results["params"]["nonzero"],
+        "model/params_trainable": results["params"]["trainable"],
+    }
+    zs = results.get("zeroshot") or {}
+    for stage, tasks in (zs.get("stages") or {}).items():
+        suffix = "" if stage == "final" else f"_{stage}"
+        for task, task_metrics in tasks.items():
+            if "acc" in task_metrics:
+                metrics[f"test/acc_{task}{suffix}"] = task_metrics["acc"]
+        metrics[f"test/acc_mean{suffix}"] = zs["mean_acc"].get(stage)
+    final_speed = (results.get("speed") or {}).get("final")
+    if final_speed:
+        metrics.update(
+            {
+                "test/prefill_tps": final_speed["prefill_tps"],
+                "test/decode_tps": final_speed["decode_tps"],
+                "test/prefill_x_dense": final_speed["prefill_x"],
+                "test/decode_x_dense": final_speed["decode_x"],
+            }
+        )
+    return metrics
+
+
+def _zero_shot_report(p: Plan, zero_shot: dict[str, dict]) -> dict:
+    means = {stage: mean_accuracy(tasks) for stage, tasks in zero_shot.items()}
+    retained = (
+        means["final"] / means["dense"] if means.get("final") is not None and means.get("dense") else None
+    )
+    return {
+        "tasks": {name: {"source": p.tasks.sources[name]} for name in p.tasks.tasks},
+        "skipped": dict(p.tasks.skipped),
+        "limit": p.eval.task_limit,
+        "stages": zero_shot,
+        "mean_acc": means,
+        "retained": retained,  # mean acc of the final model / the dense one's
+    }
+
+
+def _measure_speed(p: Plan, model, watch: Stopwatch, progress: bool) -> dict:
+    """Prefill and decode tokens/s of the final model and of a fresh copy of the dense one, timed side
+    by side; on a GPU a 2:4 model is also timed through semi-structured sparse kernels."""
+    with watch("speed"):
+        device = next(model.parameters()).device
+        dense, _ = p.model.load()
+        models = {"dense": dense.to(device), "final": model}
+        semi = _semi_structured_copy(p, model) if device.type == "cuda" else None
+        if semi is not None:
+            models["final_2:4_kernels"] = semi
+        speeds = compare_speeds(
+            models,
+            prefill_tokens=p.eval.speed_prefill_tokens,
+            decode_tokens=p.eval.speed_decode_tokens,
+            repeats=p.eval.speed_repeats,
+            seed=p.seed,
+            on_round=(lambda i, n: log.info("speed round %d/%d", i, n)) if progress else None,
+        )
+        del models, dense, semi
+        release_freed_memory()
+    out = {name: {**s.as_dict(), **s.ratios(speeds["dense"])} for name, s in speeds.items()}
+    out["setup"] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": p.eval.speed_repeats,
+        "prefill_tokens": p.eval.speed_prefill_tokens,
+        "decode_tokens": p.eval.speed_decode_tokens,
+        "prompt_tokens": PROMPT_TOKENS,
+    }
+    return out
+
+
+def _semi_structured_copy(p: Plan, model):
+    """A half-precision copy of a 2:4 model whose 2:4 Linears use semi-structured sparse kernels."""
+    if not (p.pattern.is_nm and (p.pattern.n, p.pattern.m) == (2, 4)):
+        return None
+    from sppx.pruning.semi_structured import semi_structured_model
+
+    try:
+        return semi_structured_model(model, p.pruner.targets)
+    except (RuntimeError, ValueError) as err:  # no kernel for this GPU or shape: report, keep going
+        log.warning("2:4 sparse kernels not timed: %s", _one_line(err))
+        return None
 
 
 @dataclass
@@ -561,20 +721,49 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -
         isinstance(c, ProgressBar) for c in callbacks
     ):
         callbacks.append(TQDMProgressBar())  # one style of bar for every stage
+    checkpoints = p.output_dir / CHECKPOINT_DIR
+    if p.tune.checkpoint_every:  # adapter-only state (TuneModule.on_save_checkpoint), one file kept
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                filename="last",
+                every_n_train_steps=p.tune.checkpoint_every,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
     trainer = instantiate(
-        p.cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(p.output_dir)
+        p.cfg.trainer,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(p.output_dir),
+        enable_checkpointing=bool(p.tune.checkpoint_every),
     )
     model.train()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except FloatingPointError as err:
+        raise RunError(f"tuning stopped: {err}; {describe_checkpoint(checkpoints)}") from None
     model.eval()
     times = sorted(module.step_times)
     return {
         **info,
         "steps": int(trainer.global_step),
         "step_time_s": round(times[len(times) // 2], 4) if times else None,  # median
+        "checkpoint": str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").is_file() else None,
     }
 
 
-def run(cfg: DictConfig, progress: bool = True) -> dict:
-    """Plan (all checks) then execute; returns the results written to ``results.json``."""
-    return execute(plan(cfg), progress=progress)
+def describe_checkpoint(directory: Path) -> str:
+    """Where the last good adapter checkpoint is and its step, in words."""
+    path = directory / "last.ckpt"
+    if not path.is_file():
+        return "no checkpoint had been written (tune.checkpoint_every sets how often)"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return f"the last good checkpoint is {path} (after step {state.get('global_step')})"
+
+
+def run(cfg: DictConfig, progress: bool = True, overrides: list[str] | None = None) -> dict:
+    """Plan (all checks) then execute; returns the results written to ``results.json``. ``overrides``:
+    the command line's, recorded as the command that reproduces the run."""
+    return execute(plan(cfg, overrides), progress=progress)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+PROMPT_TOKENS = 16  # the decode prompt: the first tokens of the prefill ids
+
 
 @dataclass(frozen=True)
 class Speed:
@@ -82,7 +84,7 @@ def compare_speeds(
     models: dict[str, nn.Module],
     prefill_tokens: int = 256,
     decode_tokens: int = 64,
-    prompt_tokens: int = 16,
+    prompt_tokens: int = PROMPT_TOKENS,
     repeats: int = 5,
     seed: int = 0,
     on_round: Callable[[int, int], None] | None = None,

@@ -51,6 +51,18 @@ def summary_table(results: dict) -> Table:
             f" | kept per layer: {structure['heads_per_layer']} heads ({structure['kv_heads_per_layer']} K/V), "
             f"{structure['neurons_per_layer']} neurons; {structure['layers']} layers"
         )
+    zs = results.get("zeroshot") or {}
+    if zs.get("stages"):
+        means = ", ".join(f"{stage} {_fmt(acc, '.4f')}" for stage, acc in zs["mean_acc"].items())
+        table.caption += f" | zero-shot mean acc over {len(zs['tasks'])} tasks: {means}"
+        if zs.get("skipped"):
+            table.caption += f" (skipped: {', '.join(zs['skipped'])})"
+    final_speed = (results.get("speed") or {}).get("final")
+    if final_speed:
+        table.caption += (
+            f" | decode {final_speed['decode_tps']:.1f} tok/s ({final_speed['decode_x']:.2f}x dense), "
+            f"prefill {final_speed['prefill_tps']:.0f} tok/s ({final_speed['prefill_x']:.2f}x)"
+        )
     teacher = results.get("teacher") or {}
     if teacher.get("strategy") == "numerous":
         snapshots = (

@@ -32,3 +32,26 @@ def to_semi_structured(linear: nn.Linear) -> nn.Linear:
 
     linear.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
     return linear
+
+
+@torch.no_grad()
+def semi_structured_model(
+    model: nn.Module, targets: list[str], dtype: torch.dtype = torch.float16
+) -> nn.Module:
+    """A ``dtype`` copy of a CUDA model whose 2:4 target Linears use semi-structured sparse weights
+    (the original is left as it is)."""
+    import copy
+
+    from sppx.pruning.sequential import prunable_linears
+
+    if next(model.parameters()).device.type != "cuda":
+        raise ValueError("semi-structured kernels need the model on a CUDA device")
+    twin = copy.deepcopy(model).to(dtype)
+    converted = 0
+    for linear in prunable_linears(twin, targets).values():
+        if is_2_4(linear.weight):
+            to_semi_structured(linear)
+            converted += 1
+    if not converted:
+        raise ValueError("no target Linear is 2:4 sparse")
+    return twin.eval()

@@ -1,0 +1,145 @@
+"""The model card (README.md) written into every exported ``model/`` folder."""
+
+from __future__ import annotations
+
+import yaml
+
+METHODS = {
+    "magnitude": "magnitude pruning (|W|, one threshold per matrix)",
+    "wanda": "Wanda (|W| x input-feature norm, per output row)",
+    "sparsegpt": "SparseGPT (OBS weight reconstruction from the calibration Hessian)",
+    "comp": "COMP (Block-Influence layer removal, condition-based neuron scores, least-squares mask tuning)",
+    "nuteprune": "NutePrune (hard-concrete head/neuron masks learned with numerous teachers from one model)",
+    "llm_pruner": "LLM-Pruner (first-order Taylor group importance)",
+    "flap": "FLAP (fluctuation metric with bias compensation)",
+    "shortgpt": "ShortGPT (layers with the lowest Block Influence removed)",
+    "magnitude_structured": "structured magnitude (L2 norm of each unit's weights)",
+    "none": "no pruning",
+}
+ADAPTERS = {
+    "spp": "SPP (learnable row/column factors multiplied into the sparse weights; the merge keeps every zero)",
+    "masked_lora": "masked LoRA (the low-rank update masked by the pruned weights' zeros)",
+    "lora": "LoRA (peft; the merge is dense and fills pruned weights in)",
+    "none": "no recovery tuning",
+}
+
+
+def _num(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def model_card(results: dict) -> str:
+    """Markdown: what was done, the measured numbers, the measured sparsity per module type, the
+    resolved config and the command that reproduces it (from a run's results)."""
+    ch, ppl, sp, params = results["choices"], results["ppl"], results["sparsity"], results["params"]
+    structured = (results.get("prune") or {}).get("structure")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [sppx, pruning, " + ("structured-pruning" if structured else "sparse") + "]",
+        "---",
+        "",
+        f"# {ch['model']}, {ch['pruner']} {sp['pattern']}, {ch['adapter']} recovery",
+        "",
+        "Made with sppx: prune -> recover -> merge -> evaluate -> export. Loads with plain transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        "```",
+        "",
+        "## Method",
+        "",
+        f"- Model: {ch['model']}",
+        f"- Pruning: {METHODS.get(ch['pruner'], ch['pruner'])}, pattern {sp['pattern']}, "
+        f"requested sparsity {sp['requested']:g}",
+        f"- Recovery: {ADAPTERS.get(ch['adapter'], ch['adapter'])}; teacher: {ch['teacher']}",
+        f"- Data: {ch['data']}",
+    ]
+    if structured:
+        lines.append(
+            f"- Structure kept: {structured['layers']} layers, {structured['heads_per_layer']} query heads "
+            f"({structured['kv_heads_per_layer']} K/V) and {structured['neurons_per_layer']} FFN neurons per "
+            "layer; the pruned units are removed from the matrices"
+        )
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        f"Perplexity on {ppl['windows']} windows of {ppl['seqlen']} tokens of the evaluation text:",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| dense | {_num(ppl['dense'])} |",
+        f"| pruned | {_num(ppl['pruned'])} |",
+        f"| final (this model) | {_num(ppl['final'])} |",
+        "",
+        f"Parameters: {params['total']:,} ({params['nonzero']:,} nonzero).",
+    ]
+    zs = results.get("zeroshot")
+    if zs and zs.get("stages"):
+        stages = list(zs["stages"])
+        lines += [
+            "",
+            "Zero-shot accuracy (lm-evaluation-harness"
+            + (f", at most {zs['limit']} examples per task" if zs.get("limit") else "")
+            + "):",
+            "",
+            "| task | " + " | ".join(stages) + " |",
+            "|---|" + "---|" * len(stages),
+        ]
+        for task in zs["tasks"]:
+            cells = [_num(zs["stages"][s].get(task, {}).get("acc"), ".4f") for s in stages]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append("| mean | " + " | ".join(_num(zs["mean_acc"].get(s), ".4f") for s in stages) + " |")
+        if zs.get("skipped"):
+            lines.append(f"\nSkipped (dataset not available): {', '.join(zs['skipped'])}.")
+    speed = results.get("speed")
+    if speed and "final" in speed:
+        setup = speed["setup"]
+        lines += [
+            "",
+            f"Speed ({setup['device']}, {setup['threads']} threads, medians of {setup['repeats']} rounds "
+            "side by side with the dense model):",
+            "",
+            "| model | prefill tok/s | decode tok/s | prefill x dense | decode x dense |",
+            "|---|---|---|---|---|",
+        ]
+        for name, s in speed.items():
+            if name != "setup":
+                lines.append(
+                    f"| {name} | {s['prefill_tps']:.1f} | {s['decode_tps']:.2f} | {s['prefill_x']:.2f} | "
+                    f"{s['decode_x']:.2f} |"
+                )
+    lines += [
+        "",
+        "## Measured sparsity",
+        "",
+        f"Fraction of the weights of the pruned projections that are {'removed' if structured else 'zero'}"
+        f" (measured after the merge): {sp['measured']:.4f} (target {sp['target']:.4f}).",
+        "",
+        "| module type | sparsity |",
+        "|---|---|",
+        *(f"| {name} | {value:.4f} |" for name, value in sorted(sp["per_type"].items())),
+    ]
+    if not structured and results["sparsity"].get("zeros_verified"):
+        lines.append(
+            f"\nEvery one of the {sp['zeros_verified']:,} pruned weights was checked to be exactly 0.0 after "
+            "the merge, and again in the saved safetensors files."
+        )
+    lines += ["", "## Reproduce", ""]
+    if results.get("command"):
+        lines += ["From a checkout of sppx:", "", "```", results["command"], "```"]
+    else:
+        lines.append("The run was not started from the command line; its resolved config is below.")
+    lines += [
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        yaml.safe_dump(results["config"], sort_keys=False, default_flow_style=None).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
