@@ -222,3 +222,12 @@ def test_the_export_evaluates_with_the_harness_cli_and_generates_with_transforme
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
     assert tokenizer.decode(generated[0]).startswith(SAMPLE_TEXT[:40])
+
+
+def test_a_harness_task_without_its_dataset_is_named_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in every test: the hub is out of reach
+    with pytest.raises(ConfigError, match=r"^eval\.tasks='boolq': its dataset could not be loaded \(") as err:
+        load_tasks(["boolq"], [], tmp_path)
+    assert "\n" not in str(err.value)
+    skipped = load_tasks(["sppx_wiki_cloze"], ["boolq"], tmp_path)
+    assert list(skipped.tasks) == ["sppx_wiki_cloze"] and list(skipped.skipped) == ["boolq"]
