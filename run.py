@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sppx.errors import ConfigError, RunError
+from sppx.sweep import job_dirname
 
 log = logging.getLogger("sppx")
 CONF = Path(__file__).resolve().parent / "conf"
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # sweep job folder names
 
 
 def check_group_choices(args: list[str]) -> None:
@@ -32,20 +34,33 @@ def check_group_choices(args: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
+    """One run; returns the validation perplexity of the final model (what searches minimise). In a
+    sweep a failing job is recorded as failed in its results.json and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from sppx.pipeline import run
+    from sppx.pipeline import objective, run
     from sppx.summary import print_summary
 
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        results = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+        results = run(cfg, overrides=list(hydra_cfg.overrides.task), record_bad_input=in_sweep)
     except (ConfigError, RunError) as err:
         log.error("%s", err)
         print(f"sppx: error: {err}", file=sys.stderr)
+        if in_sweep:
+            return float("nan")
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+    except Exception as err:
+        if not in_sweep:
+            raise
+        log.exception("job failed")  # the traceback goes to this job's log file
+        print(f"sppx: error: job {hydra_cfg.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return float("nan")
     print_summary(results, cfg.paths.output_dir)
-    return results["ppl"]["final"]
+    return objective(results)
 
 
 if __name__ == "__main__":

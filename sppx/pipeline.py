@@ -319,7 +319,7 @@ def execute(p: Plan, progress: bool = True) -> dict:
     try:
         return _execute(p, progress)
     except BaseException as err:
-        _record_failure(p, err)
+        record_failure(p.output_dir, p.cfg, p.command, err)
         raise
 
 
@@ -328,21 +328,37 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _record_failure(p: Plan, err: BaseException) -> None:
+def launch_choices() -> dict:
+    """The option chosen in each config group, as Hydra composed the run (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    chosen = HydraConfig.get().runtime.choices
+    return {group: chosen.get(group) for group in GROUPS if chosen.get(group) is not None}
+
+
+def record_failure(output_dir: Path, cfg: DictConfig, command: str | None, err: BaseException) -> None:
+    """Write ``results.json`` saying the run failed (or was interrupted), with the error's first line."""
     status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
     try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # a config that does not even resolve
+        config = OmegaConf.to_container(cfg, resolve=False)
+    try:
         write_json_atomic(
-            p.output_dir / RESULTS_FILE,
+            Path(output_dir) / RESULTS_FILE,
             {
                 "status": status,
                 "error": _one_line(err),
                 "error_type": type(err).__name__,
-                "command": p.command,
-                "config": OmegaConf.to_container(p.cfg, resolve=True),
+                "command": command,
+                "choices": launch_choices(),
+                "config": config,
             },
         )
     except OSError as write_err:  # keep the original error the one that is raised
-        log.error("could not record the failure in %s: %s", p.output_dir / RESULTS_FILE, write_err)
+        log.error("could not record the failure in %s: %s", Path(output_dir) / RESULTS_FILE, write_err)
 
 
 def _execute(p: Plan, progress: bool) -> dict:
@@ -476,6 +492,14 @@ def _execute(p: Plan, progress: bool) -> dict:
         zeros_checked = 0 if dense_merge else verify_model_zeros(model, masks)
     model.requires_grad_(False)
     ppl["final"] = measure("final") if p.tunes or ppl["pruned"] is None else ppl["pruned"]
+    # The validation part (never the evaluation part): what searches over settings minimise.
+    val_windows = consecutive_windows(tokens.streams["validation"], p.corpus.seqlen, p.corpus.val_windows)
+    with watch("eval"):
+        ppl["validation"] = (
+            perplexity(model, val_windows, p.eval.batch_size, desc="ppl (validation)", progress=progress)
+            if val_windows.shape[0]
+            else None
+        )
     measure_tasks("final")
     speed = _measure_speed(p, model, watch, progress) if p.eval.speed else None
 
@@ -500,6 +524,7 @@ def _execute(p: Plan, progress: bool) -> dict:
             "final": _ppl(ppl["final"]),
             "seqlen": int(eval_windows.shape[1]),
             "windows": int(eval_windows.shape[0]),
+            "validation": _ppl(ppl["validation"]),  # the final model on the validation windows
         },
         "zeroshot": _zero_shot_report(p, zero_shot) if p.eval.zero_shot else None,
         "speed": speed,
@@ -566,6 +591,7 @@ def _final_metrics(results: dict) -> dict:
         "test/ppl": results["ppl"]["final"],
         "test/ppl_dense": results["ppl"]["dense"],
         "test/ppl_pruned": results["ppl"]["pruned"],
+        "val/ppl_final": results["ppl"]["validation"],
         "prune/sparsity": results["sparsity"]["measured"],
         "prune/time_s": results["time_s"]["prune"],
         "model/params_nonzero": results["params"]["nonzero"],
@@ -763,7 +789,25 @@ def describe_checkpoint(directory: Path) -> str:
     return f"the last good checkpoint is {path} (after step {state.get('global_step')})"
 
 
-def run(cfg: DictConfig, progress: bool = True, overrides: list[str] | None = None) -> dict:
+def objective(results: dict) -> float:
+    """What a hyper-parameter search minimises: the final model's perplexity on the validation part."""
+    value = results["ppl"]["validation"]
+    return float("nan") if value is None else float(value)
+
+
+def run(
+    cfg: DictConfig,
+    progress: bool = True,
+    overrides: list[str] | None = None,
+    record_bad_input: bool = False,
+) -> dict:
     """Plan (all checks) then execute; returns the results written to ``results.json``. ``overrides``:
-    the command line's, recorded as the command that reproduces the run."""
-    return execute(plan(cfg, overrides), progress=progress)
+    the command line's, recorded as the command that reproduces the run. Bad input writes nothing,
+    unless ``record_bad_input`` (a sweep's job: its results.json then says it failed, and why)."""
+    try:
+        p = plan(cfg, overrides)
+    except ConfigError as err:
+        if record_bad_input:
+            record_failure(Path(cfg.paths.output_dir), cfg, command_line(overrides), err)
+        raise
+    return execute(p, progress=progress)

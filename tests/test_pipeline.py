@@ -1,5 +1,6 @@
 """End to end on the tiny model: results.json, the export, and sweeps from the command line."""
 
+import csv
 import json
 import math
 import subprocess
@@ -122,6 +123,58 @@ def test_multirun_from_the_command_line(tmp_path, text_file):
     }
     assert seen == {("magnitude", 0.5), ("magnitude", 0.6), ("wanda", 0.5), ("wanda", 0.6)}
     assert all("pruner=" in p.parent.name and "sparsity=" in p.parent.name for p in found)
+    # The sweep ends with one table (a row per job) and the plots in its folder.
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert summary.startswith("4 runs: 4 complete, 0 failed")
+    table = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4 and all(f"| {p.parent.name} |" in summary for p in found)
+    assert (tmp_path / "sweep" / "ppl_vs_sparsity.png").stat().st_size > 10_000
+    with open(tmp_path / "sweep" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["pruner"], float(r["target"])) for r in rows) == sorted(seen)
+
+
+def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, text_file):
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "sparsity=0.5,1.5",
+        *tiny_run_overrides(text_file),
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=2",
+        "export=false",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sppx: error: sparsity=1.5: must be a number in [0, 1)" in proc.stderr
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("results.json")}
+    assert set(records) == {"sparsity=0.5", "sparsity=1.5"}
+    assert records["sparsity=0.5"]["status"] == "complete"
+    failed = records["sparsity=1.5"]
+    assert failed["status"] == "failed" and failed["error"] == "sparsity=1.5: must be a number in [0, 1)"
+    assert failed["choices"]["pruner"] == "wanda" and "python run.py" in failed["command"]
+    assert (tmp_path / "sweep" / "summary.md").read_text().startswith("2 runs: 1 complete, 1 failed")
+
+    # scripts/collect.py reads the same folder into a table and plots elsewhere.
+    out = tmp_path / "report"
+    collected = subprocess.run(
+        [sys.executable, "scripts/collect.py", str(tmp_path / "sweep"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    with open(out / "summary.csv") as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    assert rows["sparsity=1.5"]["status"] == "failed" and rows["sparsity=0.5"]["ppl_final"]
+    assert {p.name for p in out.glob("*.png")} == {
+        "ppl_vs_sparsity.png",
+        "recovery.png",
+        "layer_sparsity.png",
+    }
 
 
 def test_wandb_logger_runs_offline(tmp_path, text_file, monkeypatch):
