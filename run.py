@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+import sppx.sweep  # noqa: F401 (registers the job_dirname resolver that names sweep job folders)
 from sppx.errors import ConfigError, RunError
-from sppx.sweep import job_dirname
 
 log = logging.getLogger("sppx")
 CONF = Path(__file__).resolve().parent / "conf"
-OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # sweep job folder names
 
 
 def check_group_choices(args: list[str]) -> None:
@@ -58,6 +57,8 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job failed")  # the traceback goes to this job's log file
         print(f"sppx: error: job {hydra_cfg.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return float("nan")
+    if results is None:  # one of the extra processes of data-parallel tuning: the first one reports
         return float("nan")
     print_summary(results, cfg.paths.output_dir)
     return objective(results)

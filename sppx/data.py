@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.errors import ConfigError, require, require_positive_int
 from sppx.instructions import LOSS_ON, SUFFIXES, TEMPLATES, Examples, load_alpaca, tokenize_examples
+from sppx.loaders import tuning_loader
 from sppx.wikitext import clean_wikitext, iter_articles
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,8 @@ class TokenizedCorpus:
 
 
 class TuneDataModule(pl.LightningDataModule):
-    """Tuning windows (shuffled with a seed) and validation windows for ``val/ppl``."""
+    """Tuning windows (shuffled with a seed; resumable, split across processes: ``sppx.loaders``) and
+    validation windows for ``val/ppl``."""
 
     def __init__(self, train_windows: torch.Tensor, val_windows: torch.Tensor, batch_size: int, seed: int):
         super().__init__()
@@ -441,14 +443,7 @@ class TuneDataModule(pl.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            TensorDataset(self.train_windows),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
-            drop_last=len(self.train_windows) >= self.batch_size,
-        )
+        return tuning_loader(TensorDataset(self.train_windows), self.batch_size, self.seed, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.val_windows), batch_size=self.batch_size)

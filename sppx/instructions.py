@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.errors import ConfigError
+from sppx.loaders import tuning_loader
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +232,8 @@ class InstructionDataModule(pl.LightningDataModule):
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_examples,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
-            collate_fn=PadCollate(self.pad_id),
-            drop_last=len(self.train_examples) >= self.batch_size,
+        return tuning_loader(
+            self.train_examples, self.batch_size, self.seed, self.trainer, collate_fn=PadCollate(self.pad_id)
         )
 
     def val_dataloader(self) -> DataLoader:

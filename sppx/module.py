@@ -84,15 +84,19 @@ class TuneModule(pl.LightningModule):
 
     Checkpoints hold only the trainable tensors (and Lightning's optimizer, scheduler and loop state),
     never the frozen weights, and are refused when a tensor is not finite, so the last checkpoint on
-    disk is always a good one."""
+    disk is always a good one. They also hold what an exact resume needs besides: the random number
+    generators' states, the teacher's state (snapshots) and ``settings``, the run settings that decide
+    the tuning trajectory (a resume with other settings is refused before any work)."""
 
     strict_loading = False  # checkpoints leave the frozen weights out; on_load_checkpoint checks the rest
 
-    def __init__(self, model: torch.nn.Module, tune: TuneConfig, teacher=None):
+    def __init__(self, model: torch.nn.Module, tune: TuneConfig, teacher=None, settings: str = ""):
         super().__init__()
         self.model = model
         self.tune = tune
         self.teacher = teacher or NoTeacher()
+        self.settings = settings
+        self._restored: dict | None = None  # resume state applied when fitting starts
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.step_times: list[float] = []  # seconds per training batch (forward, backward, step)
@@ -115,6 +119,12 @@ class TuneModule(pl.LightningModule):
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); no checkpoint written for it"
             )
         checkpoint["state_dict"] = state
+        checkpoint["sppx"] = {
+            "settings": self.settings,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "teacher": self.teacher.state_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = self.trainable_keys() - set(checkpoint["state_dict"])
@@ -123,6 +133,7 @@ class TuneModule(pl.LightningModule):
                 f"the checkpoint does not hold this adapter: {len(missing)} trainable tensors missing, "
                 f"e.g. {sorted(missing)[0]}"
             )
+        self._restored = checkpoint.get("sppx")
 
     def on_train_batch_start(self, batch, batch_idx):
         self._step_start = time.perf_counter()
@@ -132,6 +143,12 @@ class TuneModule(pl.LightningModule):
 
     def on_fit_start(self):
         self.teacher.begin(int(self.trainer.estimated_stepping_batches))
+        if self._restored is not None:  # a resumed run: continue exactly where the checkpoint was taken
+            self.teacher.load_state_dict(self._restored["teacher"])
+            torch.set_rng_state(self._restored["rng"])
+            if self._restored["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._restored["cuda_rng"])
+            self._restored = None
 
     def on_fit_end(self):
         self.teacher.finish()
@@ -186,3 +203,13 @@ class TuneModule(pl.LightningModule):
             num_training_steps=total,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def decoder_layer_policy():
+    """An FSDP auto-wrap policy (``conf/trainer/fsdp.yaml``): every decoder layer (a module whose class
+    name ends in ``DecoderLayer``, as in every transformers causal LM) is one sharded unit."""
+
+    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return recurse or type(module).__name__.endswith("DecoderLayer")
+
+    return policy

@@ -8,6 +8,7 @@ also written to ``results.json``.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 import shlex
@@ -58,13 +59,23 @@ from sppx.pruning.structured import Dims, StructuredContext, StructuredPruner, s
 from sppx.results import RESULTS_FILE
 from sppx.speed import PROMPT_TOKENS, compare_speeds
 from sppx.teachers import NoTeacher
+from sppx.tracking import current_sweep, finish_wandb, publish, stage_of
 from sppx.zeroshot import Tasks, evaluate_tasks, load_tasks, mean_accuracy
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 GROUPS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "trainer", "logger")
-TOP_LEVEL_KEYS = (*GROUPS, "paths", "tune", "eval", "seed", "sparsity", "export")
+TOP_LEVEL_KEYS = (*GROUPS, "paths", "tune", "eval", "seed", "sparsity", "export", "resume")
+# What decides a tuning run's trajectory: a checkpoint only resumes a run with the same values.
+RESUME_SETTINGS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "tune", "seed", "sparsity")
+RESUME_TRAINER_SETTINGS = (
+    "max_steps",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "precision",
+    "devices",
+)
 
 
 # --------------------------------------------------------------------------- plan: all checks, no weights
@@ -126,6 +137,8 @@ class Plan:
     cfg: DictConfig
     tasks: Tasks = field(default_factory=Tasks)  # zero-shot tasks, loaded (datasets included)
     command: str | None = None  # the command line that reproduces the run, when known
+    resume_from: Path | None = None  # the checkpoint tuning continues from (resume=...)
+    resume_step: int = 0
 
     @property
     def target_sparsity(self) -> float:
@@ -256,9 +269,98 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     if p.tunes:
         p.adapter.check_shapes(adapter_shapes or linear_shapes(model_config, p.adapter.targets))
     check_teacher(p)
+    check_devices(p)
+    p.resume_from, p.resume_step = resume_checkpoint(p)
     if p.eval.zero_shot:  # last: the slowest check (it loads every task's dataset)
         p.tasks = load_tasks(p.eval.tasks, p.eval.tasks_optional, p.cache_dir)
     return p
+
+
+def run_settings(cfg: DictConfig) -> str:
+    """The settings that decide the tuning trajectory, as canonical JSON (stored in checkpoints)."""
+    settings = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+        for k in RESUME_SETTINGS
+    }
+    settings["tune"].pop("checkpoint_every", None)
+    settings["trainer"] = {k: cfg.trainer.get(k) for k in RESUME_TRAINER_SETTINGS}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"
+
+
+def resume_checkpoint(p: Plan) -> tuple[Path | None, int]:
+    """The checkpoint ``resume`` names (true: this run's own), checked against this run's settings."""
+    value = p.cfg.get("resume")
+    if value is False or value is None:
+        return None, 0
+    require(
+        value is True or (isinstance(value, str) and value.strip() != ""),
+        "resume",
+        value,
+        "must be true, false, or the path of a run folder or checkpoint",
+    )
+    require(
+        p.tunes, "resume", value, "continues tuning, but this run does not tune (adapter=none or max_steps=0)"
+    )
+    if value is True:
+        path = p.output_dir / CHECKPOINT_DIR / "last.ckpt"
+    else:
+        path = Path(value).expanduser()
+        for candidate in (path / CHECKPOINT_DIR / "last.ckpt", path / "last.ckpt"):
+            if path.is_dir() and candidate.is_file():
+                path = candidate
+                break
+    require(
+        path.is_file(),
+        "resume",
+        value,
+        f"found no checkpoint at {path} (a run writes checkpoints/last.ckpt every tune.checkpoint_every "
+        "steps; give its folder with hydra.run.dir=..., or resume=<that folder>)",
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError("resume", str(path), f"could not read the checkpoint: {_one_line(err)}") from None
+    saved = (state.get("sppx") or {}).get("settings")
+    current = run_settings(p.cfg)
+    if saved != current:
+        why = (
+            _first_difference(json.loads(saved), json.loads(current))
+            if saved
+            else "it was not written by sppx's tuning"
+        )
+        raise ConfigError("resume", str(path), f"the checkpoint belongs to another run ({why})")
+    return path, int(state.get("global_step", 0))
+
+
+def check_devices(p: Plan) -> None:
+    """With several processes (DDP), every process takes an equal slice of each global batch."""
+    devices = p.cfg.trainer.get("devices", 1)
+    if not (p.tunes and is_int(devices) and devices > 1):
+        return
+    require(
+        p.corpus.batch_size % devices == 0,
+        "data.batch_size",
+        p.corpus.batch_size,
+        f"is the global batch: it must divide among trainer.devices={devices} processes",
+    )
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    require(
+        not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN),
+        "trainer.devices",
+        devices,
+        "several processes per job do not work inside a Hydra multirun (Lightning's DDP launcher starts "
+        "each process as a single run); run the jobs one at a time, or one job per node on a cluster",
+    )
 
 
 def check_teacher(p: Plan) -> None:
@@ -319,8 +421,18 @@ def execute(p: Plan, progress: bool = True) -> dict:
     try:
         return _execute(p, progress)
     except BaseException as err:
-        record_failure(p.output_dir, p.cfg, p.command, err)
+        if process_rank() == 0:
+            record_failure(p.output_dir, p.cfg, p.command, err)
+            finish_wandb(failed=True)
         raise
+
+
+def process_rank() -> int:
+    """This process's global rank: 0 unless it is one of the extra processes of data-parallel tuning
+    (Lightning starts them with RANK / LOCAL_RANK / SLURM_PROCID set)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def _one_line(err: BaseException) -> str:
@@ -361,12 +473,15 @@ def record_failure(output_dir: Path, cfg: DictConfig, command: str | None, err: 
         log.error("could not record the failure in %s: %s", Path(output_dir) / RESULTS_FILE, write_err)
 
 
-def _execute(p: Plan, progress: bool) -> dict:
+def _execute(p: Plan, progress: bool) -> dict | None:
     cfg, watch = p.cfg, Stopwatch()
+    # Data-parallel tuning starts this pipeline once per process; the extra processes prune the same
+    # model (deterministically), join the tuning, and leave measuring and writing to the first.
+    leader = process_rank() == 0
     start = time.perf_counter()
     p.output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(p.seed, verbose=False)
-    logger = build(cfg.logger, "logger")
+    logger = build(cfg.logger, "logger", **_logger_context(p))
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     with watch("load"):
@@ -381,14 +496,16 @@ def _execute(p: Plan, progress: bool) -> dict:
         f"must be shorter than the evaluation text ({tokens.sizes()['evaluation']} tokens)",
     )
 
-    def measure(desc: str) -> dict:
+    def measure(desc: str) -> dict | None:
+        if not leader:
+            return None
         with watch("eval"):
             return perplexity(model, eval_windows, p.eval.batch_size, desc=f"ppl ({desc})", progress=progress)
 
     zero_shot: dict[str, dict] = {}  # stage -> task -> metrics
 
     def measure_tasks(stage: str) -> None:
-        if p.eval.tasks_at(stage):
+        if leader and p.eval.tasks_at(stage):
             log.info("Zero-shot tasks on the %s model: %s", stage, ", ".join(p.tasks.tasks))
             with watch("zero-shot"):
                 zero_shot[stage] = evaluate_tasks(
@@ -476,6 +593,8 @@ def _execute(p: Plan, progress: bool) -> dict:
         recovery_teacher.bind(model, student_masks, p.adapter, p.target_sparsity)
         with watch("tune"), PeakMemory() as peak:
             tune_info = _tune(p, model, tokenizer, tokens, logger, recovery_teacher)
+        if not leader:
+            return None
         tune_info.update(
             peak_rss_mib=round(peak.rss_peak / 2**20, 1),
             peak_rss_increase_mib=round(peak.rss_increase / 2**20, 1),
@@ -578,11 +697,24 @@ def _execute(p: Plan, progress: bool) -> dict:
         k: round(watch.times.get(k, 0.0), 3)
         for k in ("load", "prune", "tune", "merge", "eval", "zero-shot", "speed", "export", "total")
     }
-    logger.log_metrics({k: v for k, v in _final_metrics(results).items() if v is not None})
+    final_metrics = _final_metrics(results)
+    logger.log_metrics({k: v for k, v in final_metrics.items() if v is not None})
+    publish(logger, results, final_metrics)
     logger.save()
     logger.finalize("success")
+    finish_wandb()
     write_json_atomic(p.output_dir / RESULTS_FILE, results)
     return results
+
+
+def _logger_context(p: Plan) -> dict:
+    """What the run tells a logger that asks for it (W&B: its job_type and group)."""
+    accepted = inspect.signature(get_object(p.cfg.logger._target_)).parameters
+    context = {
+        "stage": stage_of(not isinstance(p.pruner, NoPruner), p.tunes),
+        "sweep": current_sweep(),
+    }
+    return {k: v for k, v in context.items() if k in accepted}
 
 
 def _final_metrics(results: dict) -> dict:
@@ -741,7 +873,7 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -
         train = consecutive_windows(tokens.streams["tuning"], seqlen)
         require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
         datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
-    module = TuneModule(model, p.tune, teacher)
+    module = TuneModule(model, p.tune, teacher, settings=run_settings(p.cfg))
     callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
     if p.cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in callbacks
@@ -764,10 +896,19 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -
         callbacks=callbacks,
         default_root_dir=str(p.output_dir),
         enable_checkpointing=bool(p.tune.checkpoint_every),
+        use_distributed_sampler=False,  # sppx.loaders splits each global batch across processes itself
     )
     model.train()
+    if p.resume_from is not None:
+        log.info("Resuming tuning from %s (after step %d)", p.resume_from, p.resume_step)
+        info.update(resumed_from=str(p.resume_from), resumed_after_step=p.resume_step)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(p.resume_from) if p.resume_from else None,
+            weights_only=True,
+        )
     except FloatingPointError as err:
         raise RunError(f"tuning stopped: {err}; {describe_checkpoint(checkpoints)}") from None
     model.eval()

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sppx.collect import collect, write_report
 
 log = logging.getLogger(__name__)
 
 MAX_DIRNAME = 180  # file systems allow 255 bytes per path component
-_swept_keys: set[str] = set()  # the keys the running sweep varies (set when it starts)
 
 
 def swept_keys(overrides: list[str]) -> set[str]:
@@ -25,29 +25,41 @@ def swept_keys(overrides: list[str]) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
-def job_dirname(overrides) -> str:
+@functools.cache
+def sweep_keys_of(sweep_dir: str) -> frozenset[str]:
+    """The keys a sweep varies, read from the ``multirun.yaml`` Hydra writes into its folder before any
+    job starts (so every job process, local or not, can read it): its swept command-line overrides and
+    a search sweeper's parameters. Empty when the file is not there."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return frozenset()
+    config = OmegaConf.load(path)
+    keys = swept_keys(list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or []))
+    keys |= {str(k) for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})}
+    return frozenset(keys)
+
+
+def job_dirname(overrides, sweep_dir: str | None = None) -> str:
     """A sweep job's folder name: its values of the swept keys (all its overrides when none are known),
     ``key=value`` joined by commas, as one path component (``/`` in values becomes ``_``), shortened with
     a hash of the whole when too long."""
     items = [str(o) for o in overrides]
-    if _swept_keys:
-        items = [o for o in items if o.lstrip("+~").split("=", 1)[0] in _swept_keys] or items
+    keys = sweep_keys_of(str(sweep_dir)) if sweep_dir else frozenset()
+    if keys:
+        items = [o for o in items if o.lstrip("+~").split("=", 1)[0] in keys] or items
     name = ",".join(items).replace("/", "_") or "defaults"
     if len(name) > MAX_DIRNAME:
         name = f"{name[: MAX_DIRNAME - 11]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     return name
 
 
-class SweepSummary(Callback):
-    """Hydra callback (conf/hydra/default.yaml): when a multirun starts, note which keys it sweeps (the
-    job folders are named from them); when it ends, collect every job's results.json into summary.md /
-    summary.csv / plots in the sweep directory and log how many jobs completed."""
+# Resolvable wherever sppx is imported: the sweep's own process and any job process a launcher starts.
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _swept_keys.clear()
-        _swept_keys.update(swept_keys(config.hydra.overrides.task))
-        searched = config.hydra.sweeper.get("params") or {}  # e.g. the Optuna sweeper's search space
-        _swept_keys.update(str(k) for k in searched)
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/hydra/default.yaml): after a multirun, collect every job's results.json into
+    summary.md / summary.csv / plots in the sweep directory and log how many jobs completed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         root = Path(config.hydra.sweep.dir)

@@ -73,6 +73,13 @@ class NoTeacher:
         """What results.json records about the teachers used."""
         return None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (called after :meth:`begin` when a run resumes)."""
+
 
 @dataclass
 class Distiller(NoTeacher):
@@ -347,6 +354,21 @@ class NumerousTeacher(Distiller):
             return self.intact_outputs(model, input_ids, attention_mask)
         with self.masks.at_level(self._teacher), self.adapter.swapped(model, self._snapshots[self._teacher]):
             return self._forward(model, input_ids, attention_mask)
+
+    def state_dict(self) -> dict:
+        return {
+            "level": self.masks.level,
+            "snapshots": {str(level): dict(tensors) for level, tensors in self._snapshots.items()},
+            "segments": [dict(segment, steps=list(segment["steps"])) for segment in self._segments],
+            "held_max": self._held_max,
+            "snapshot_bytes": self._snapshot_bytes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.set_level(state["level"])
+        self._snapshots = {int(level): dict(tensors) for level, tensors in state["snapshots"].items()}
+        self._segments = [dict(segment, steps=list(segment["steps"])) for segment in state["segments"]]
+        self._held_max, self._snapshot_bytes = state["held_max"], state["snapshot_bytes"]
 
     def finish(self) -> None:
         """The student ends at the target mask; the snapshots are dropped."""

@@ -1,14 +1,28 @@
-"""Experiment tracking helpers (W&B offline unless the user is logged in)."""
+"""Experiment tracking: W&B (offline unless the user is logged in) beside Lightning's CSV metrics.
+
+Every logger gets the config, the per-step metrics and the final metrics. A W&B run also gets
+- the final metrics (and the headline results) as its **summary**, so runs compare in the runs table;
+- the measured sparsity per decoder layer and per module type as **tables**, with a bar **plot** of the
+  per-layer sparsity;
+- ``group`` = the sweep (its folder's name) and ``job_type`` = what the run did (``prune``, ``tune``,
+  ``prune-tune``, ``eval``), unless the config sets them;
+and is **finished** at the end of the run (failed runs exit with code 1), so the jobs of a multirun are
+separate W&B runs. An offline run prints the ``wandb sync`` command that uploads it.
+"""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 
 from pytorch_lightning.loggers import WandbLogger
 
 from sppx.errors import require
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline")
 
@@ -30,11 +44,15 @@ def wandb_logger(
     mode: str = "auto",
     save_dir: str = ".",
     group: str | None = None,
-    job_type: str | None = None,
+    job_type: str | None = "auto",
     tags: list | None = None,
+    stage: str | None = None,
+    sweep: str | None = None,
     **kwargs,
 ) -> WandbLogger:
-    """A Lightning ``WandbLogger``; ``mode=auto`` goes online only when logged in."""
+    """A Lightning ``WandbLogger``; ``mode=auto`` goes online only when logged in. ``stage`` and
+    ``sweep`` come from the run (what it does, the multirun it belongs to) and fill ``job_type=auto``
+    and ``group=null``."""
     require(mode in MODES, "logger.mode", mode, f"allowed: {', '.join(MODES)}")
     offline = mode == "offline" or (mode == "auto" and not wandb_logged_in())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -42,8 +60,79 @@ def wandb_logger(
         project=project,
         save_dir=save_dir,
         offline=offline,
-        group=group,
-        job_type=job_type,
+        group=group if group is not None else sweep,
+        job_type=stage if job_type in (None, "auto") else job_type,
         tags=list(tags or []),
         **kwargs,
     )
+
+
+def stage_of(prunes: bool, tunes: bool) -> str:
+    """What a run does, in W&B's job_type words."""
+    return {(True, True): "prune-tune", (True, False): "prune", (False, True): "tune"}.get(
+        (prunes, tunes), "eval"
+    )
+
+
+def current_sweep() -> str | None:
+    """The name of the multirun this job belongs to (its sweep folder), or None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def publish(logger, results: dict, final_metrics: dict) -> None:
+    """What a W&B run gets at the end beyond the per-step metrics (see the module's docstring); a
+    no-op for other loggers."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    run = logger.experiment
+    run.summary.update({k: v for k, v in final_metrics.items() if v is not None})
+    run.summary.update(
+        {
+            "status": results["status"],
+            "sparsity/pattern": results["sparsity"]["pattern"],
+            "params/total": results["params"]["total"],
+            **{f"choice/{k}": v for k, v in results["choices"].items()},
+        }
+    )
+    per_layer = wandb.Table(
+        columns=["layer", "sparsity"],
+        data=[[i, float(v)] for i, v in enumerate(results["sparsity"]["per_layer"])],
+    )
+    per_type = wandb.Table(
+        columns=["module", "sparsity"],
+        data=[[k, float(v)] for k, v in results["sparsity"]["per_type"].items()],
+    )
+    run.log(
+        {
+            "sparsity/per_layer": per_layer,
+            "sparsity/per_type": per_type,
+            "sparsity/per_layer_plot": wandb.plot.bar(
+                per_layer, "layer", "sparsity", title="measured sparsity per decoder layer"
+            ),
+        }
+    )
+
+
+def finish_wandb(failed: bool = False) -> None:
+    """End the active W&B run, if any (between the jobs of a multirun, and on failure with exit code 1);
+    print how to upload it when it ran offline."""
+    if "wandb" not in sys.modules:  # never imported: no run to finish
+        return
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return
+    offline = bool(getattr(run.settings, "_offline", False)) or run.settings.mode == "offline"
+    folder = Path(run.dir).parent if run.dir else None
+    wandb.finish(exit_code=1 if failed else 0)
+    if offline and folder is not None:
+        log.info("W&B ran offline; upload this run with: wandb sync %s", folder)
+        print(f"wandb: offline run saved; upload it with: wandb sync {folder}", file=sys.stderr)

@@ -82,26 +82,50 @@ def test_the_optuna_search_composes_and_two_trials_run_on_the_tiny_model(tmp_pat
     assert (sweep / "summary.md").read_text().startswith("2 runs: 2 complete")
 
 
-def test_sweep_job_folders_are_named_from_the_swept_values():
+def test_sweep_job_folders_are_named_from_the_swept_values(tmp_path):
     assert swept_keys(["pruner=magnitude,wanda", "sparsity=0.5", "data.seqlen=range(8,32,8)"]) == {
         "pruner",
         "data.seqlen",
     }
-    from sppx import sweep
-
-    sweep._swept_keys.clear()
-    sweep._swept_keys.update({"pruner", "sparsity"})
-    try:
-        assert (
-            job_dirname(["model=tiny-llama", "pruner=wanda", "sparsity=0.6"]) == "pruner=wanda,sparsity=0.6"
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "overrides": {"task": ["model=tiny-llama", "pruner=magnitude,wanda", "sparsity=0.5,0.6"]},
+                    "sweeper": {"params": {"tune.lr": "interval(0.001, 0.01)"}},
+                }
+            }
         )
-        assert job_dirname(["data.paths=[/a/b.txt]", "pruner=x"]) == "pruner=x"
-        sweep._swept_keys.clear()
-        assert job_dirname(["data.paths=[/a/b.txt]"]) == "data.paths=[_a_b.txt]"  # one path component
-        long = job_dirname([f"k{i}=value{i}" for i in range(60)])
-        assert len(long) == 180 and long != job_dirname([f"k{i}=value{i}" for i in range(61)])
-    finally:
-        sweep._swept_keys.clear()
+    )
+    job = ["model=tiny-llama", "pruner=wanda", "sparsity=0.6", "tune.lr=0.002"]
+    assert job_dirname(job, str(sweep_dir)) == "pruner=wanda,sparsity=0.6,tune.lr=0.002"
+    assert job_dirname(["data.paths=[/a/b.txt]"]) == "data.paths=[_a_b.txt]"  # one path component
+    long = job_dirname([f"k{i}=value{i}" for i in range(60)])
+    assert len(long) == 180 and long != job_dirname([f"k{i}=value{i}" for i in range(61)])
+
+
+def test_a_joblib_sweep_runs_jobs_in_parallel_processes_with_the_same_folders(tmp_path, text_file):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "pruner=magnitude,wanda",
+        *tiny_run_overrides(text_file),
+        "trainer.max_steps=2",
+        "export=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("results.json"))
+    assert jobs == ["pruner=magnitude", "pruner=wanda"]
+    assert (tmp_path / "sweep" / "summary.md").read_text().startswith("2 runs: 2 complete")
 
 
 def fake_results(status: str = "complete", **over) -> dict:
@@ -159,3 +183,20 @@ def test_collect_reads_every_run_below_a_folder_into_rows_and_plots(tmp_path):
     with open(tmp_path / "out" / "summary.csv") as fh:
         assert [r["ppl_final"] for r in csv.DictReader(fh)] == ["40.0", "90.0", ""]
     assert (tmp_path / "out" / "summary.md").read_text().startswith("3 runs: 2 complete, 1 failed")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+        ("parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ],
+)
+def test_the_cluster_and_parallel_launchers_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240

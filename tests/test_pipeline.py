@@ -177,14 +177,67 @@ def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, text_fi
     }
 
 
-def test_wandb_logger_runs_offline(tmp_path, text_file, monkeypatch):
+def offline_wandb(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    overrides = tiny_run_overrides(text_file, logger="wandb", export="false", **{"trainer.max_steps": 2})
+
+
+def wandb_records(run_dir: Path) -> bytes:
+    """The offline W&B run's record file (protobuf records; keys and strings are stored as bytes)."""
+    (found,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    return found.read_bytes()
+
+
+def test_wandb_logger_runs_offline_and_logs_every_kind_of_record(tmp_path, text_file, monkeypatch, capsys):
+    offline_wandb(monkeypatch, tmp_path)
+    overrides = tiny_run_overrides(
+        text_file,
+        logger="wandb",
+        export="false",
+        **{"trainer.max_steps": 2, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 2},
+    )
     run(compose_config(overrides, tmp_path), progress=False)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    records = wandb_records(tmp_path)
+    for key in (
+        b"train/loss",  # per-step metrics
+        b"val/ppl",
+        b"test/ppl",  # final metrics, also the run summary
+        b"choice/pruner",  # summary only
+        b"sparsity/per_layer",  # the per-layer table and its bar plot
+        b"sparsity/per_type",
+        b"sparsity/per_layer_plot",
+        b"prune-tune",  # job_type: what the run did
+        b"seqlen",  # the config
+    ):
+        assert key in records, key
+    assert "upload it with: wandb sync " in capsys.readouterr().err
+    import wandb
+
+    assert wandb.run is None  # finished: the next run (a multirun's next job) starts a new one
+
+
+def test_a_wandb_sweep_gives_one_finished_run_per_job_grouped_by_the_sweep(tmp_path, text_file, monkeypatch):
+    offline_wandb(monkeypatch, tmp_path)
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "sparsity=0.5,0.6",
+        "logger=wandb",
+        *tiny_run_overrides(text_file),
+        f"hydra.sweep.dir={tmp_path}/my-sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=2",
+        "export=false",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in (tmp_path / "my-sweep").rglob("results.json"))
+    assert [j.name for j in jobs] == ["sparsity=0.5", "sparsity=0.6"]
+    for job in jobs:
+        assert b"my-sweep" in wandb_records(job)  # group = the sweep
+    assert proc.stderr.count("upload it with: wandb sync ") == 2
 
 
 def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, text_file):

@@ -3,8 +3,10 @@
 import copy
 import math
 
+import pytest
 import torch
 
+from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.sequential import (
     block_linears,
@@ -185,3 +187,29 @@ def test_each_block_is_pruned_at_its_own_sparsity(tiny):
     for name, keep in masks.items():
         expected = 0.25 if ".layers.0." in name else 0.75
         assert int((~keep).sum()) == math.floor(keep.numel() * expected)
+
+
+@pytest.mark.parametrize("pruner_cls", [WandaPruner, MagnitudePruner])
+def test_a_compute_device_holds_one_block_at_a_time_and_gives_the_same_masks(tiny, pruner_cls):
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model)
+    expected = prune_model(reference, pruner_cls(), 0.5, SparsityPattern(), calib, progress=False)
+    moves, away = [], set()
+    for i, block in enumerate(decoder_layers(model)):
+
+        def spy(device, i=i, block=block, real=block.to):
+            target = torch.device(device)
+            moves.append((i, str(target)))
+            away.symmetric_difference_update({i})  # moved out, then back home
+            assert len(away) <= 1, "two blocks on the compute device at once"
+            return real(target)
+
+        block.to = spy
+    masks = prune_model(model, pruner_cls(device="cpu"), 0.5, SparsityPattern(), calib, progress=False)
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")] and not away
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in masks)
+    with pytest.raises(ConfigError, match=r"^pruner\.device='cuda:7': this machine has \d+ CUDA device"):
+        WandaPruner(device="cuda:7")
+    with pytest.raises(ConfigError, match=r"^pruner\.device='gpu0': must be null or a torch device"):
+        WandaPruner(device="gpu0")

@@ -8,11 +8,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sppx.errors import is_number, require, require_positive_int
+from sppx.errors import ConfigError, is_number, require, require_positive_int
 from sppx.pruning.masks import SparsityPattern
 
 ALLOCATIONS = ("uniform", "owl")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def check_device(key: str, device) -> None:
+    """``null`` or a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(key, device, "must be null or a torch device such as cuda, cuda:1, cpu") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        require(
+            count > 0 and (parsed.index or 0) < count,
+            key,
+            device,
+            f"this machine has {count} CUDA device(s); use null (where the model is) or cpu",
+        )
 
 
 @dataclass
@@ -26,6 +44,7 @@ class Pruner:
     allocation: str = "uniform"  # uniform | owl: how the target sparsity is spread over decoder blocks
     owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds M x the block's mean
     owl_lambda: float = 0.08  # OWL: block sparsities span target +- lambda
+    device: str | None = None  # where each block is pruned (the model stays where it was loaded)
 
     name = "base"
     collects_stats = False  # True: statistics of each Linear's inputs are collected block by block
@@ -41,6 +60,7 @@ class Pruner:
             f"must list Linear names such as {', '.join(PROJECTIONS)}",
         )
         require_positive_int("pruner.batch_size", self.batch_size)
+        check_device("pruner.device", self.device)
         require(
             isinstance(self.true_sequential, bool),
             "pruner.true_sequential",

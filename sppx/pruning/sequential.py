@@ -180,6 +180,17 @@ def capture_block_inputs(
     return captured
 
 
+def to_device(value, device: torch.device):
+    """``value`` (a tensor, or tuples / lists / dicts of them) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def run_blocks(
     layers: nn.ModuleList,
     inputs,
@@ -188,19 +199,31 @@ def run_blocks(
     desc: str,
     watch: Stopwatch | None = None,
     after=None,
+    device: str | torch.device | None = None,
 ) -> None:
     """Walk the decoder blocks in order: ``visit(i, block, inputs)`` (measure, prune) and then the
     block's outputs over all calibration mini-batches become the next block's inputs; ``after(i)``
-    (optional) runs once they are computed."""
+    (optional) runs once they are computed.
+
+    With ``device``, each block is moved there for its turn and back afterwards, and the calibration
+    activations live there: only one block's weights are on that device at a time, so a model larger
+    than (GPU) memory is pruned with the model itself kept in (CPU) memory."""
     watch = watch or Stopwatch()
     last = len(layers) - 1
+    if device is not None:
+        inputs = to_device(inputs, torch.device(device))
     for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="block")):
+        home = next(block.parameters()).device
+        if device is not None:
+            block.to(device)
         visit(i, block, inputs)
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
                 inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         if after is not None:
             after(i)
+        if device is not None:
+            block.to(home)
 
 
 class DenseKeeper:
@@ -260,17 +283,23 @@ def prune_model(
     def prune_one(i: int, name: str, linear: nn.Linear, stats) -> None:
         full = f"{prefix}.{i}.{name}"
         if keeper is None:
-            masks[full] = pruner.prune(linear, stats, per_layer[i], pattern)
+            keep = pruner.prune(linear, stats, per_layer[i], pattern)
         else:
-            masks[full] = keeper.prune(full, linear, stats, per_layer[i], pattern)
+            keep = keeper.prune(full, linear, stats, per_layer[i], pattern)
+        masks[full] = keep.cpu() if pruner.device is not None else keep  # the masks stay with the model
 
     if not pruner.collects_stats:
         for i, block in enumerate(tqdm(layers, desc=f"prune ({pruner.name})", disable=not progress)):
+            home = next(block.parameters()).device
+            if pruner.device is not None:
+                block.to(pruner.device)
             for name, linear in block_linears(block, pruner.targets).items():
                 with watch("masks"):
                     prune_one(i, name, linear, None)
             if keeper is not None:
                 keeper.restore()
+            if pruner.device is not None:
+                block.to(home)
         return masks
 
     if calibration is None:
@@ -299,5 +328,6 @@ def prune_model(
         f"prune ({pruner.name})",
         watch,
         after=keeper.restore if keeper is not None else None,
+        device=pruner.device,
     )
     return masks
