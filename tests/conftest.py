@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub, even when the network is up
 
@@ -15,7 +17,8 @@ from omegaconf import DictConfig
 
 from sppx.models import TinyLlama
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
 
 SAMPLE_TEXT = """The river rises in the northern hills and flows south through a wide valley of farms and
 small towns before it reaches the sea at the old harbour.
@@ -84,3 +87,21 @@ def tiny_run_overrides(text_file: Path, **extra) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_py(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` from the project root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sweep_args(tmp_path: Path, text_file: Path, name: str = "sweep") -> list[str]:
+    """A fast tiny-model multirun into ``tmp_path / name`` (jobs share one cache), without an export."""
+    return [
+        "-m",
+        *tiny_run_overrides(text_file, **{"trainer.max_steps": 2}),
+        "export=false",
+        f"hydra.sweep.dir={tmp_path / name}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]

@@ -2,8 +2,6 @@
 process trains; only the first process writes; FSDP is refused without GPUs."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from safetensors.torch import load_file
 
 from sppx.errors import ConfigError
 from sppx.pipeline import plan, run
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, run_py, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,17 +25,14 @@ def ddp_overrides(text_file) -> list[str]:
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file):
     one = run(compose_config(ddp_overrides(text_file), tmp_path / "one"), progress=False)
     two_dir = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "run.py",
+    proc = run_py(
         *ddp_overrides(text_file),
         "trainer=ddp",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
         f"hydra.run.dir={two_dir}",
         f"paths.cache_dir={tmp_path / 'one' / 'cache'}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((two_dir / "results.json").read_text())
     assert two["status"] == "complete" and two["tune"]["steps"] == one["tune"]["steps"] == 3

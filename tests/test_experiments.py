@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import yaml
 from sppx.collect import collect, markdown_table, write_report
 from sppx.pipeline import plan
 from sppx.sweep import job_dirname, swept_keys
-from tests.conftest import CONF_DIR, compose_config, tiny_run_overrides
+from tests.conftest import CONF_DIR, compose_config, run_py, sweep_args, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -51,19 +49,9 @@ def test_the_optuna_search_composes_and_two_trials_run_on_the_tiny_model(tmp_pat
     cfg = compose_config(["hparams_search=spp_optuna"], tmp_path)
     assert cfg.adapter._target_.endswith("SPPAdapter") and cfg.teacher._target_.endswith("DenseTeacher")
     sweep = tmp_path / "search"
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        "hparams_search=spp_optuna",
-        "hydra.sweeper.n_trials=2",
-        *tiny_run_overrides(text_file),
-        "trainer.max_steps=2",
-        "export=false",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.cache_dir={tmp_path}/cache",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_py(
+        *sweep_args(tmp_path, text_file, "search"), "hparams_search=spp_optuna", "hydra.sweeper.n_trials=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     trials = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
@@ -108,20 +96,8 @@ def test_sweep_job_folders_are_named_from_the_swept_values(tmp_path):
 
 def test_a_joblib_sweep_runs_jobs_in_parallel_processes_with_the_same_folders(tmp_path, text_file):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "pruner=magnitude,wanda",
-        *tiny_run_overrides(text_file),
-        "trainer.max_steps=2",
-        "export=false",
-        f"hydra.sweep.dir={tmp_path}/sweep",
-        f"paths.cache_dir={tmp_path}/cache",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    launcher = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    proc = run_py(*sweep_args(tmp_path, text_file), *launcher, "pruner=magnitude,wanda")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("results.json"))
     assert jobs == ["pruner=magnitude", "pruner=wanda"]

@@ -15,7 +15,7 @@ from sppx.errors import ConfigError
 from sppx.evaluate import perplexity
 from sppx.pipeline import plan, run
 from sppx.summary import summary_table
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, run_py, sweep_args, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,19 +101,7 @@ def test_tuning_lowers_perplexity_on_learnable_text(tmp_path, text_file):
 
 
 def test_multirun_from_the_command_line(tmp_path, text_file):
-    overrides = tiny_run_overrides(text_file)
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        "pruner=magnitude,wanda",
-        "sparsity=0.5,0.6",
-        *overrides,
-        f"hydra.sweep.dir={tmp_path}/sweep",
-        f"paths.cache_dir={tmp_path}/cache",
-        "trainer.max_steps=2",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_py(*sweep_args(tmp_path, text_file), "pruner=magnitude,wanda", "sparsity=0.5,0.6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = sorted((tmp_path / "sweep").rglob("results.json"))
     assert len(found) == 4
@@ -135,18 +123,7 @@ def test_multirun_from_the_command_line(tmp_path, text_file):
 
 
 def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, text_file):
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        "sparsity=0.5,1.5",
-        *tiny_run_overrides(text_file),
-        f"hydra.sweep.dir={tmp_path}/sweep",
-        f"paths.cache_dir={tmp_path}/cache",
-        "trainer.max_steps=2",
-        "export=false",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_py(*sweep_args(tmp_path, text_file), "sparsity=0.5,1.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sppx: error: sparsity=1.5: must be a number in [0, 1)" in proc.stderr
     records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("results.json")}
@@ -219,19 +196,7 @@ def test_wandb_logger_runs_offline_and_logs_every_kind_of_record(tmp_path, text_
 
 def test_a_wandb_sweep_gives_one_finished_run_per_job_grouped_by_the_sweep(tmp_path, text_file, monkeypatch):
     offline_wandb(monkeypatch, tmp_path)
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        "sparsity=0.5,0.6",
-        "logger=wandb",
-        *tiny_run_overrides(text_file),
-        f"hydra.sweep.dir={tmp_path}/my-sweep",
-        f"paths.cache_dir={tmp_path}/cache",
-        "trainer.max_steps=2",
-        "export=false",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_py(*sweep_args(tmp_path, text_file, "my-sweep"), "sparsity=0.5,0.6", "logger=wandb")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "my-sweep").rglob("results.json"))
     assert [j.name for j in jobs] == ["sparsity=0.5", "sparsity=0.6"]
