@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 from torchmetrics import SumMetric
-from transformers import get_scheduler
 
 from sppx.errors import is_int, is_number, require
 from sppx.evaluate import next_token_nll
@@ -22,7 +21,7 @@ SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 class TuneConfig:
     """Optimisation settings (AdamW + warmup) for recovery tuning."""
 
-    lr: float = 1e-2
+    lr: float | None = None  # None: the adapter's own recipe lr (``adapter.lr``), filled in by the plan
     weight_decay: float = 0.001
     warmup_ratio: float = 0.03
     schedule: str = "linear"
@@ -30,7 +29,12 @@ class TuneConfig:
     checkpoint_every: int = 10  # optimizer steps between adapter-only checkpoints (0: none)
 
     def __post_init__(self):
-        require(is_number(self.lr) and 0 < self.lr < 1, "tune.lr", self.lr, "must be a number in (0, 1)")
+        require(
+            self.lr is None or (is_number(self.lr) and 0 < self.lr < 1),
+            "tune.lr",
+            self.lr,
+            "must be a number in (0, 1), or null for the adapter's own lr",
+        )
         require(
             is_number(self.weight_decay) and self.weight_decay >= 0,
             "tune.weight_decay",
@@ -58,6 +62,28 @@ class TuneConfig:
             self.checkpoint_every,
             "must be an integer >= 0 (0: no checkpoints)",
         )
+
+
+@dataclass
+class WarmupSchedule:
+    """The learning-rate factor of optimizer step ``step`` (0-based): a linear warmup that starts at
+    ``1 / warmup`` (never at 0: the first step already learns) and reaches 1 at step ``warmup - 1``, then
+    ``linear`` decay, ``cosine`` decay or ``constant_with_warmup``. The decay never reaches 0 on a step
+    that is taken (the last step, ``total - 1``, runs at ``1 / (total - warmup)`` of the peak)."""
+
+    warmup: int
+    total: int
+    kind: str = "linear"
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant_with_warmup":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -194,14 +220,12 @@ class TuneModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("nothing to tune: the adapter has no trainable parameters")
+        if self.tune.lr is None:
+            raise ValueError("tune.lr is not set (the plan fills it from the adapter's lr)")
         optimizer = torch.optim.AdamW(params, lr=self.tune.lr, weight_decay=self.tune.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_scheduler(
-            self.tune.schedule,
-            optimizer,
-            num_warmup_steps=math.ceil(self.tune.warmup_ratio * total),
-            num_training_steps=total,
-        )
+        warmup = WarmupSchedule(math.ceil(self.tune.warmup_ratio * total), total, self.tune.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -188,6 +188,8 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
         )
         require(isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key], key, cfg.get(key), allowed)
     check_signature(cfg.logger, "logger")  # loggers may touch disk or network when built: bind only
+    if cfg.tune.get("lr") is None and cfg.adapter.get("lr") is not None:
+        cfg.tune.lr = cfg.adapter.lr  # each adapter tunes at its own recipe's lr unless tune.lr is set
     max_steps = cfg.trainer.get("max_steps", -1)
     require(
         is_int(max_steps) and max_steps >= -1,
@@ -237,6 +239,12 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     p.corpus.check()
     if p.tunes:
         p.corpus.check_tuning()
+        require(
+            p.tune.lr is not None,
+            "tune.lr",
+            None,
+            f"must be set: adapter={p.adapter.name} has no lr of its own (adapter.lr)",
+        )
 
     model_config = p.model.model_config()
     context = getattr(model_config, "max_position_embeddings", None)

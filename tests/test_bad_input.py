@@ -39,7 +39,7 @@ BAD = [
     ),
     (["adapter.dropout=1.5"], r"^adapter\.dropout=1\.5: must be a number in \[0, 1\)$"),
     (["+pruner.foo=1"], r"^pruner\.foo=1: is not an argument of sppx\.pruning\.WandaPruner$"),
-    (["tune.lr=0"], r"^tune\.lr=0: must be a number in \(0, 1\)$"),
+    (["tune.lr=0"], r"^tune\.lr=0: must be a number in \(0, 1\), or null for the adapter.s own lr$"),
     (["trainer.max_steps=abc"], r"^trainer\.max_steps='abc': must be an integer >= -1"),
     (["+trainer.foo=1"], r"^trainer\.foo=1: is not an argument of pytorch_lightning\.Trainer$"),
     (

@@ -31,7 +31,13 @@ def check_scale_args(r, alpha, dropout) -> None:
 
 @dataclass
 class Adapter:
+    """``targets``: the Linears it wraps; ``lr``: the learning rate of this adapter's tuning recipe
+    (``tune.lr`` takes it unless set). Each adapter moves the weights by a different amount per step
+    (SPP's update is relative to W, LoRA's absolute), so each has its own lr, chosen on the validation
+    split (``scripts/bench_recovery.py --lr-sweep``), never one shared value."""
+
     targets: list = field(default_factory=lambda: list(PROJECTIONS))
+    lr: float | None = None
 
     name = "base"
     keeps_zeros = True  # whether merging leaves every zero of the pruned weights at exactly 0.0
@@ -42,6 +48,12 @@ class Adapter:
             "adapter.targets",
             self.targets,
             f"must list Linear names such as {', '.join(PROJECTIONS)}",
+        )
+        require(
+            self.lr is None or (is_number(self.lr) and 0 < self.lr < 1),
+            "adapter.lr",
+            self.lr,
+            "must be a number in (0, 1) (or null: set tune.lr)",
         )
 
     def check_shapes(self, linears: dict[str, tuple[int, int]]) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
 from sppx.errors import ConfigError
-from sppx.masking import MaskedLinear, apply_keep, student_weight
+from sppx.masking import MaskedLinear, apply_keep, forward_keep, student_weight
 from sppx.pruning.sequential import prunable_linears
 
 
@@ -56,6 +56,11 @@ class MaskedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            # No dropout: one matmul with the merged weight (W * keep) + s (B A) * mask.
+            w = self.base.weight
+            merged = apply_keep(w, forward_keep(self.base)) + self.delta().to(w.dtype)
+            return F.linear(x, merged, self.base.bias)
         return self.base(x) + F.linear(self.dropout(x), self.delta().to(x.dtype))
 
     @torch.no_grad()
