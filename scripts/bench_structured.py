@@ -14,12 +14,21 @@ decode tokens/s (greedy generation of --decode-tokens tokens from a 16-token pro
 medians of --repeats after one warm-up round, with ratios to dense. The LoRA reference has the dense
 shapes, so its ratios show the timing noise.
 
-Writes structured.csv, structured.md and structured.png (ppl vs parameters, before and after recovery)
-under --out. A configuration whose results.json already exists under --out is read, not run again
-(--rerun); --no-run only reads, --no-speed skips the timing.
+Every method runs on two unit sets (--unit-sets): ``own``, the units its paper prunes (its
+conf/pruner/<method>.yaml: COMP layers + neurons, ShortGPT layers, the others heads + neurons), and
+``same``, one set for every method (--units, default neurons only, which every method but ShortGPT
+supports). A method that cannot prune the same set (ShortGPT: layers only; NutePrune: no layers) gets a
+"skipped" row; where a method's own set is the same set it runs once. The ``units`` column says which
+set a row used. --layer-range sets pruner.layer_range for every method that has one (default: each
+method's own, i.e. LLM-Pruner's reference range and every layer for the others).
+
+Writes structured.csv, structured.md and structured.png (ppl vs parameters, before and after recovery;
+solid lines: own units, dashed: the same units) under --out. A configuration whose results.json already
+exists under --out is read, not run again (--rerun); --no-run only reads, --no-speed skips the timing.
 
     python scripts/bench_structured.py                                  # SmolLM2-135M, every method
     python scripts/bench_structured.py --methods comp llm_pruner --sparsities 0.2 0.3
+    python scripts/bench_structured.py --units heads neurons --unit-sets same
     python scripts/bench_structured.py --no-run --repeats 9             # re-time the exported models
     python scripts/bench_structured.py --model tiny-llama --steps 2 --methods comp shortgpt --sparsities 0.25
 """
@@ -55,6 +64,8 @@ LABELS = {
 }
 REFERENCE = "lora-reference"
 TINY = "tiny-llama"
+UNITS = ["layers", "heads", "neurons"]
+UNIT_SETS = ["own", "same"]
 
 
 # --------------------------------------------------------------------------- configurations
@@ -97,33 +108,84 @@ def model_overrides(args) -> list[str]:
     ]
 
 
-def pruner_keys(method: str) -> set[str]:
-    """The keys of conf/pruner/<method>.yaml (empty when the file does not exist)."""
+def pruner_config(method: str) -> dict:
+    """conf/pruner/<method>.yaml as a dict (empty when the file does not exist)."""
     from omegaconf import OmegaConf
 
     path = ROOT / "conf" / "pruner" / f"{method}.yaml"
-    return set(OmegaConf.load(path).keys()) if path.is_file() else set()
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
 
 
-def method_overrides(method: str, sparsity: float, args) -> list[str]:
-    words = [f"pruner={method}", "pattern=structured", f"sparsity={sparsity}"]
+def own_units(method: str) -> list[str]:
+    """The units a method prunes by default (its paper's), in canonical order."""
+    units = pruner_config(method).get("units") or []
+    return [u for u in UNITS if u in units]
+
+
+def supports(method: str, units: list[str]) -> bool:
+    """Whether the method can prune exactly these units."""
+    if method == "shortgpt":
+        return units == ["layers"]
     if method == "nuteprune":
-        steps = args.nuteprune_steps or (4 if args.model == TINY else 24)
-        words += ["teacher=numerous", f"pruner.steps={steps}"]
-    if args.model == TINY and "neuron_multiple" in pruner_keys(method):
+        return "layers" not in units
+    return True
+
+
+def method_overrides(method: str, sparsity: float, args, units: list[str] | None = None) -> list[str]:
+    words = [f"pruner={method}", "pattern=structured", f"sparsity={sparsity}"]
+    keys = set(pruner_config(method))
+    if units is not None:
+        words.append(f"pruner.units=[{','.join(units)}]")
+    if args.layer_range is not None and "layer_range" in keys:
+        words.append(f"pruner.layer_range={args.layer_range}")
+    if method == "nuteprune":
+        words.append("teacher=numerous")
+        if args.model == TINY:  # fast gates and coarse snapshots, so that a snapshot teaches in 12 steps
+            words += ["pruner.steps=12", "pruner.mask_lr=2", "pruner.lambda_lr=100"]
+            words += ["teacher.snapshot_every=0.02", "teacher.teacher_gap=0.02"]
+        if args.nuteprune_steps:
+            words.append(f"pruner.steps={args.nuteprune_steps}")
+    if args.model == TINY and "neuron_multiple" in keys:
         words.append("pruner.neuron_multiple=8")
     return words
 
 
-def configurations(args) -> list[tuple[str, str, float | None, list[str]]]:
-    """``(name, method, sparsity, overrides)``: every method x sparsity, then the LoRA reference."""
+def configurations(args) -> list[dict]:
+    """Every method x sparsity x unit set, then the LoRA reference. Each: ``name``, ``method``,
+    ``sparsity``, ``unit_set`` (own, same, or "own = same"), ``units`` and ``overrides``; a method that
+    cannot prune the same set gets ``skip`` (why) instead of overrides."""
     shared = model_overrides(args)
-    configs = [
-        (f"{m}-{s:g}", m, s, [*shared, *method_overrides(m, s, args)])
-        for m in args.methods
-        for s in args.sparsities
-    ]
-    configs.append((REFERENCE, REFERENCE, None, [*shared, "pruner=none", "teacher=none"]))
+    same = [u for u in UNITS if u in args.units]
+    configs = []
+    for m in args.methods:
+        own = own_units(m)
+        for s in args.sparsities:
+            if "own" in args.unit_sets:
+                label = "own = same" if own == same and "same" in args.unit_sets else "own"
+                overrides = [*shared, *method_overrides(m, s, args)]
+                configs.append(
+                    dict(
+                        name=f"{m}-{s:g}",
+                        method=m,
+                        sparsity=s,
+                        unit_set=label,
+                        units=own,
+                        overrides=overrides,
+                    )
+                )
+            if "same" not in args.unit_sets or (own == same and "own" in args.unit_sets):
+                continue
+            name = f"{m}-{s:g}-{'+'.join(same)}"
+            row = dict(name=name, method=m, sparsity=s, unit_set="same", units=same)
+            if supports(m, same):
+                row["overrides"] = [*shared, *method_overrides(m, s, args, same)]
+            else:
+                row["skip"] = f"{LABELS[m]} cannot prune {'+'.join(same)}"
+            configs.append(row)
+    reference = [*shared, "pruner=none", "teacher=none"]
+    configs.append(
+        dict(name=REFERENCE, method=REFERENCE, sparsity=None, unit_set="", units=[], overrides=reference)
+    )
     return configs
 
 
@@ -196,18 +258,21 @@ def widths(values) -> str | None:
     return str(low) if low == high else f"{low}-{high}"
 
 
-def make_row(name: str, method: str, sparsity: float | None, results: dict | None, why: str | None) -> dict:
+def make_row(config: dict, results: dict | None, why: str | None) -> dict:
     r = results or {}
     structure = dig(r, "prune", "structure") or {}
     params = dig(r, "params", "total")
     model_dir = r.get("model_dir")
     if model_dir and not Path(model_dir).is_absolute():
         model_dir = str(ROOT / model_dir)
+    method = config["method"]
     return {
-        "name": name,
+        "name": config["name"],
         "method": method,
-        "sparsity": sparsity,
-        "status": "ok" if results else "failed",
+        "sparsity": config["sparsity"],
+        "unit_set": config["unit_set"],
+        "units": "+".join(config["units"]),
+        "status": "ok" if results else ("skipped" if config.get("skip") else "failed"),
         "error": why,
         "measured": dig(r, "sparsity", "measured"),
         "params_m": params / 1e6 if params is not None else None,
@@ -288,6 +353,7 @@ def add_speeds(rows: list[dict], speeds: dict) -> None:
 # --------------------------------------------------------------------------- reporting
 COLUMNS = [
     ("method", "method"),
+    ("units", "units"),
     ("sparsity", "target"),
     ("measured", "measured"),
     ("params_m", "params (M)"),
@@ -304,6 +370,8 @@ COLUMNS = [
 CSV_FIELDS = [
     "name",
     "method",
+    "unit_set",
+    "units",
     "sparsity",
     "status",
     "measured",
@@ -330,9 +398,11 @@ CSV_FIELDS = [
 
 
 def cell(row: dict, key: str) -> str:
+    if key == "units":
+        return f"{row['unit_set']}: {row['units']}" if row["unit_set"] else ""
     if key == "structure":
         if row["status"] != "ok":
-            return f"failed: {(row['error'] or '')[:60]}"
+            return f"{row['status']}: {(row['error'] or '')[:60]}"
         parts = [row["layers"], row["heads"], row["kv_heads"], row["neurons"]]
         return " / ".join("?" if p is None else str(p) for p in parts) if row["layers"] else ""
     value = row[key]
@@ -363,9 +433,9 @@ def headlines(rows: list[dict]) -> list[str]:
     if not sparsities:
         return []
     at = 0.2 if 0.2 in sparsities else sparsities[0]
-    index = {(r["method"], r["sparsity"]): r for r in rows if r["status"] == "ok"}
+    index = {(r["method"], r["sparsity"]): r for r in rows if r["status"] == "ok" and r["unit_set"] != "same"}
     comp, ref = index.get(("comp", at)), index.get((REFERENCE, None))
-    lines = []
+    lines = same_units_lines(rows, sparsities)
     if comp:
         for other in ("llm_pruner", "shortgpt"):
             if (o := index.get((other, at))) and comp["ppl_pruned"] and o["ppl_pruned"]:
@@ -402,6 +472,18 @@ def headlines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def same_units_lines(rows: list[dict], sparsities: list[float]) -> list[str]:
+    """Per sparsity, the methods ranked by perplexity after pruning on the same units."""
+    lines = []
+    for s in sparsities:
+        same = [r for r in rows if r["status"] == "ok" and r["sparsity"] == s and "same" in r["unit_set"]]
+        same = sorted((r for r in same if r["ppl_pruned"] is not None), key=lambda r: r["ppl_pruned"])
+        if len(same) > 1:
+            ranked = ", ".join(f"{LABELS[r['method']]} {cell(r, 'ppl_pruned')}" for r in same)
+            lines.append(f"at {s:g}, the same units ({same[0]['units']}): ppl after pruning {ranked}")
+    return lines
+
+
 def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -418,17 +500,21 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 
     for ax, (key, heading) in zip(axes, panels, strict=True):
         for i, method in enumerate(methods):
-            points = sorted(
-                (r["params_m"], r[key], r["sparsity"])
-                for r in rows
-                if r["method"] == method and usable(r["params_m"], r[key])
-            )
-            if not points:
-                continue
-            xs, ys, _ = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", color=f"C{i}", label=LABELS[method])
-            for x, y, s in points:
-                ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+            for unit_set, style in (("own", "-"), ("same", "--")):
+                points = sorted(
+                    (r["params_m"], r[key], r["sparsity"])
+                    for r in rows
+                    if r["method"] == method
+                    and (r["unit_set"] == unit_set or (unit_set == "own" and r["unit_set"] == "own = same"))
+                    and usable(r["params_m"], r[key])
+                )
+                if not points:
+                    continue
+                xs, ys, _ = zip(*points, strict=True)
+                label = f"{LABELS[method]} ({unit_set} units: {next(r['units'] for r in rows if r['method'] == method and unit_set in r['unit_set'])})"
+                ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=label)
+                for x, y, s in points:
+                    ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
         if usable(dense["params_m"], dense["ppl"]):
             ax.scatter(
                 [dense["params_m"]], [dense["ppl"]], marker="*", s=220, color="black", zorder=5, label="dense"
@@ -456,15 +542,37 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model option (tiny-llama: smoke)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    parser.add_argument(
+        "--unit-sets",
+        nargs="+",
+        default=UNIT_SETS,
+        choices=UNIT_SETS,
+        help="own: each method's units; same: --units",
+    )
+    parser.add_argument(
+        "--units",
+        nargs="+",
+        default=["neurons"],
+        choices=UNITS,
+        help="the unit set every method prunes in 'same'",
+    )
+    parser.add_argument(
+        "--layer-range", default=None, help="pruner.layer_range for every method that has one"
+    )
     parser.add_argument("--steps", type=int, default=8, help="LoRA recovery steps per configuration")
-    parser.add_argument("--nuteprune-steps", type=int, default=None, help="mask steps (24; tiny: 4)")
+    parser.add_argument(
+        "--nuteprune-steps",
+        type=int,
+        default=None,
+        help="mask-learning steps (default: the pruner config's; tiny: 12)",
+    )
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the speed part")
     parser.add_argument("--prefill-tokens", type=int, default=256)
@@ -478,33 +586,24 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    if not console.is_terminal:  # a log file: room for every column
-        console = Console(width=220)
-    command = shlex.join(["python", "scripts/bench_structured.py", *sys.argv[1:]])
+    return args
 
+
+def run_all(args, console: Console) -> list[dict]:
+    """One row per configuration: run (or read, or skip) each."""
     rows = []
-    for name, method, sparsity, overrides in configurations(args):
-        results, why = launch(name, overrides, args, console)
-        rows.append(make_row(name, method, sparsity, results, why))
-    done = [r for r in rows if r["status"] == "ok"]
-    if not done:
-        sys.exit("no configuration completed")
+    for config in configurations(args):
+        if config.get("skip"):
+            console.print(f"[bold]{config['name']}[/bold]: skipped ({config['skip']})")
+            rows.append(make_row(config, None, config["skip"]))
+            continue
+        results, why = launch(config["name"], config["overrides"], args, console)
+        rows.append(make_row(config, results, why))
+    return rows
 
-    ref = next((r for r in done if r["method"] == REFERENCE), None)
-    dense = {
-        "ppl": next((r["ppl_dense"] for r in done if r["ppl_dense"] is not None), None),
-        "params_m": ref["params_m"] if ref else None,  # no pruning: the merged model has the dense shapes
-        "prefill": None,
-        "decode": None,
-    }
-    if not args.no_speed:
-        speeds = measure_speeds(rows, args, console)
-        add_speeds(rows, speeds)
-        dense["prefill"], dense["decode"] = speeds["dense"].prefill_tps, speeds["dense"].decode_tps
-        samples = {n: {"prefill": s.prefill_samples, "decode": s.decode_samples} for n, s in speeds.items()}
-        (args.out / "speed_samples.json").write_text(json.dumps(samples, indent=1))
 
+def write_reports(rows: list[dict], dense: dict, args, console: Console, command: str) -> None:
+    """The table on the console, structured.csv, structured.md and structured.png under --out."""
     headers = [h for _, h in COLUMNS]
     cells = [[cell(r, k) for k, _ in COLUMNS] for r in rows]
     table = Table(*headers, title=f"Structured pruning on {args.model}: LoRA recovery {args.steps} steps")
@@ -530,6 +629,9 @@ def main() -> None:
         f"decode {num(dense['decode'], '.1f')} tok/s, prefill {num(dense['prefill'], '.1f')} tok/s "
         f"({args.threads} threads). LoRA recovery {args.steps} steps, {args.eval_windows} evaluation windows.",
         "",
+        f"Units: `own` = each method's own (published) units, `same` = {'+'.join(args.units)} for every method "
+        f"that can prune them; layer range: {args.layer_range or 'each method its own'}.",
+        "",
         f"Command: `{command}`",
         "",
         *(f"| {' | '.join(line)} |" for line in [headers, ["---"] * len(headers), *cells]),
@@ -541,6 +643,33 @@ def main() -> None:
         rows, dense, args.out / "structured.png", f"{args.model}: structured pruning, {args.steps} LoRA steps"
     )
     console.print(f"wrote {args.out / 'structured.csv'}, structured.md, structured.png")
+
+
+def main() -> None:
+    args = parse_args()
+    console = Console()
+    if not console.is_terminal:  # a log file: room for every column
+        console = Console(width=220)
+    command = shlex.join(["python", "scripts/bench_structured.py", *sys.argv[1:]])
+    rows = run_all(args, console)
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        sys.exit("no configuration completed")
+
+    ref = next((r for r in done if r["method"] == REFERENCE), None)
+    dense = {
+        "ppl": next((r["ppl_dense"] for r in done if r["ppl_dense"] is not None), None),
+        "params_m": ref["params_m"] if ref else None,  # no pruning: the merged model has the dense shapes
+        "prefill": None,
+        "decode": None,
+    }
+    if not args.no_speed:
+        speeds = measure_speeds(rows, args, console)
+        add_speeds(rows, speeds)
+        dense["prefill"], dense["decode"] = speeds["dense"].prefill_tps, speeds["dense"].decode_tps
+        samples = {n: {"prefill": s.prefill_samples, "decode": s.decode_samples} for n, s in speeds.items()}
+        (args.out / "speed_samples.json").write_text(json.dumps(samples, indent=1))
+    write_reports(rows, dense, args, console, command)
 
 
 if __name__ == "__main__":

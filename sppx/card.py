@@ -28,6 +28,30 @@ def _num(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def loading_lines(structured: dict | None) -> list[str]:
+    """How to load the export: plain transformers, or sppx's loader for per-layer widths."""
+    if structured is not None and structured.get("uniform") is False:
+        return [
+            "Made with sppx: prune -> recover -> merge -> evaluate -> export. Its decoder layers keep",
+            "different widths (listed under `sppx_layer_widths` in config.json), which the standard config",
+            "keys cannot describe, so it loads with sppx's loader (plain `from_pretrained` refuses it):",
+            "",
+            "```python",
+            "from sppx.models import load_pretrained",
+            'model = load_pretrained("<this folder>")',
+            "```",
+        ]
+    return [
+        "Made with sppx: prune -> recover -> merge -> evaluate -> export. Loads with plain transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        "```",
+    ]
+
+
 def model_card(results: dict) -> str:
     """Markdown: what was done, the measured numbers, the measured sparsity per module type, the
     resolved config and the command that reproduces it (from a run's results)."""
@@ -41,13 +65,7 @@ def model_card(results: dict) -> str:
         "",
         f"# {ch['model']}, {ch['pruner']} {sp['pattern']}, {ch['adapter']} recovery",
         "",
-        "Made with sppx: prune -> recover -> merge -> evaluate -> export. Loads with plain transformers:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
-        "```",
+        *loading_lines(structured),
         "",
         "## Method",
         "",
@@ -57,11 +75,17 @@ def model_card(results: dict) -> str:
         f"- Recovery: {ADAPTERS.get(ch['adapter'], ch['adapter'])}; teacher: {ch['teacher']}",
         f"- Data: {ch['data']}",
     ]
-    if structured:
+    if structured and structured.get("uniform", True):
         lines.append(
             f"- Structure kept: {structured['layers']} layers, {structured['heads_per_layer']} query heads "
             f"({structured['kv_heads_per_layer']} K/V) and {structured['neurons_per_layer']} FFN neurons per "
             "layer; the pruned units are removed from the matrices"
+        )
+    elif structured:
+        widths = ", ".join(f"{w['heads']}/{w['kv_heads']}/{w['neurons']}" for w in structured["widths"])
+        lines.append(
+            f"- Structure kept: {structured['layers']} layers with per-layer widths (query heads / K/V heads "
+            f"/ FFN neurons): {widths}; the pruned units are removed from the matrices"
         )
     lines += [
         "",

@@ -8,6 +8,7 @@ eval mode with the KV cache off.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -64,8 +66,107 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_pretrained(path, dtype: str = "float32", **kwargs) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` then :func:`_finish` (eval mode, weights in memory)."""
+    """``AutoModelForCausalLM.from_pretrained`` then :func:`_finish` (eval mode, weights in memory).
+
+    A local folder whose ``config.json`` lists per-layer widths (``sppx_layer_widths``, written by a
+    structured export with non-uniform layers) is built by :func:`load_layer_widths_model` instead."""
+    if saved_layer_widths(path):
+        return _finish(load_layer_widths_model(path, dtype))
     return _finish(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs))
+
+
+# --------------------------------------------------------------------------- per-layer widths
+# A structured export whose decoder layers keep different numbers of heads or neurons cannot be described
+# by the standard config keys alone. It keeps them at the dense model's values and adds one entry per
+# decoder layer (in order) under this key; see docs/structured.md.
+LAYER_WIDTHS_KEY = "sppx_layer_widths"
+WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def layer_widths(config) -> list[dict] | None:
+    """The per-layer widths recorded in ``config`` (None for a standard, uniform config), checked."""
+    widths = getattr(config, LAYER_WIDTHS_KEY, None)
+    if not widths:
+        return None
+    if not isinstance(widths, list) or len(widths) != config.num_hidden_layers:
+        raise ValueError(
+            f"{LAYER_WIDTHS_KEY} must list one entry per decoder layer ({config.num_hidden_layers})"
+        )
+    for i, entry in enumerate(widths):
+        values = [entry.get(k) if isinstance(entry, dict) else None for k in WIDTH_KEYS]
+        if not all(is_int(v) and v >= 1 for v in values) or values[0] % values[1]:
+            raise ValueError(
+                f"{LAYER_WIDTHS_KEY}[{i}]={entry!r}: needs integers >= 1 for {', '.join(WIDTH_KEYS)}, "
+                "the query heads a multiple of the K/V heads"
+            )
+    return widths
+
+
+def saved_layer_widths(path) -> bool:
+    """Whether ``path`` is a local model folder whose config.json lists per-layer widths."""
+    config = Path(str(path)) / "config.json"
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text(encoding="utf-8")).get(LAYER_WIDTHS_KEY))
+
+
+@torch.no_grad()
+def set_layer_widths(model: PreTrainedModel, widths: list[dict]) -> None:
+    """Re-create every decoder layer's projections with its own widths (new, uninitialised weights of
+    the model's dtype; biases where the config has them) and set the attributes the forward uses."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden = config.hidden_size
+    dtype = next(model.parameters()).dtype
+    for layer, entry in zip(model.model.layers, widths, strict=True):
+        heads, kv, neurons = (entry[k] for k in WIDTH_KEYS)
+        attn, mlp = layer.self_attn, layer.mlp
+        shapes = {
+            (attn, "q_proj"): (hidden, heads * head_dim),
+            (attn, "k_proj"): (hidden, kv * head_dim),
+            (attn, "v_proj"): (hidden, kv * head_dim),
+            (attn, "o_proj"): (heads * head_dim, hidden),
+            (mlp, "gate_proj"): (hidden, neurons),
+            (mlp, "up_proj"): (hidden, neurons),
+            (mlp, "down_proj"): (neurons, hidden),
+        }
+        for (parent, name), (fan_in, fan_out) in shapes.items():
+            old = getattr(parent, name)
+            setattr(parent, name, torch.nn.Linear(fan_in, fan_out, bias=old.bias is not None, dtype=dtype))
+        attn.num_key_value_groups = heads // kv
+        mlp.intermediate_size = neurons
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a saved model folder (one file, or the shards its index names)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [path / name for name in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def load_layer_widths_model(path, dtype: str = "float32") -> PreTrainedModel:
+    """Load a structured export with per-layer widths: the model built from its config (no code from
+    the folder is run), each layer re-shaped to its recorded widths, then every tensor of the
+    safetensors files loaded into it. A tensor the files lack must be tied to one they hold."""
+    path = Path(str(path))
+    config = AutoConfig.from_pretrained(path)
+    widths = layer_widths(config)
+    model = AutoModelForCausalLM.from_config(config).to(torch_dtype(dtype))
+    set_layer_widths(model, widths)
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        state.update(load_safetensors(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
+    untied = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(
+            f"{path}: weights not in the model {unexpected[:3]}, missing from the files {untied[:3]}"
+        )
+    return model
 
 
 # --------------------------------------------------------------------------- embedded default

@@ -1,7 +1,7 @@
 """Structured pruning: whole layers, attention heads and FFN neurons removed, the model physically
 smaller (units), COMP and NutePrune, and the LLM-Pruner / FLAP / ShortGPT / magnitude baselines."""
 
-from sppx.pruning.structured.base import StructuredContext, StructuredPruner
+from sppx.pruning.structured.base import OneShotStructured, StructuredContext, StructuredPruner
 from sppx.pruning.structured.baselines import (
     FLAPPruner,
     LLMPrunerPruner,
@@ -20,6 +20,7 @@ __all__ = [
     "LLMPrunerPruner",
     "MagnitudeStructuredPruner",
     "NutePrunePruner",
+    "OneShotStructured",
     "ShortGPTPruner",
     "Structure",
     "StructuredContext",

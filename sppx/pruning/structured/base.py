@@ -15,12 +15,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sppx.errors import is_number, require, require_positive_int
+from sppx.errors import is_int, is_number, require, require_positive_int
 from sppx.profiling import Stopwatch
 from sppx.pruning.base import PROJECTIONS
 from sppx.pruning.masks import SparsityPattern
-from sppx.pruning.sequential import _block_output, capture_block_inputs, decoder_layers
-from sppx.pruning.structured.units import HEAD_MODES, UNITS, Budget, Dims, Structure, allocate
+from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers
+from sppx.pruning.structured.units import (
+    HEAD_MODES,
+    LAYER_RANGES,
+    UNITS,
+    Budget,
+    Dims,
+    Structure,
+    allocate,
+    pruned_span,
+)
 
 # How far the whole-unit budget may land from the requested sparsity before the config is refused.
 SPARSITY_TOLERANCE = 0.02
@@ -112,6 +121,57 @@ def require_layer_share(value) -> None:
     require(is_number(value) and 0 <= value <= 1, "pruner.layer_share", value, "must be a number in [0, 1]")
 
 
+def require_layer_range(value) -> None:
+    """``all``, ``reference`` or ``[start, end]`` with integers 0 <= start < end."""
+    ok = value in LAYER_RANGES or (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(is_int(v) for v in value)
+        and 0 <= value[0] < value[1]
+    )
+    require(ok, "pruner.layer_range", value, "allowed: all, reference or [start, end] with 0 <= start < end")
+
+
+@dataclass
+class OneShotStructured(StructuredPruner):
+    """A structured pruner that scores units once from the weights and calibration data (COMP and the
+    baselines). ``layer_share`` of the budget goes to whole layers when ``units`` has layers and more;
+    ``layer_range`` chooses the layers that may be pruned (``all``; ``reference``: LLM-Pruner's, the first
+    4/32 and last 2/32 of the layers kept; ``[start, end]``); the others stay intact and the budget is
+    spread over the pruned ones, so the total sparsity is still the target."""
+
+    layer_share: float = 0.5
+    layer_range: object = "all"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_layer_share(self.layer_share)
+        require_layer_range(self.layer_range)
+        self.report: dict = {}
+
+    def span(self, d: Dims) -> tuple[int, int]:
+        return pruned_span(d.layers, self.layer_range)
+
+    def budget(self, d: Dims, sparsity: float) -> Budget:
+        return allocate(
+            d, sparsity, self.units, self.head_mode, self.layer_share, self.neuron_multiple, self.span(d)
+        )
+
+    def check(self, d: Dims, sparsity: float) -> None:
+        end = self.span(d)[1]
+        require(
+            end <= d.layers,
+            "pruner.layer_range",
+            self.layer_range,
+            f"the model has {d.layers} decoder layers: end must be <= {d.layers}",
+        )
+        super().check(d, sparsity)
+
+    def record_layers(self, criterion: str, scores: torch.Tensor) -> None:
+        self.report["layer_criterion"] = criterion
+        self.report["layer_scores"] = [float(f"{float(x):.6g}") for x in scores]  # 6 significant digits
+
+
 # --------------------------------------------------------------------------- shared measurements
 class InputStats:
     """Running statistics of a Linear's inputs over calibration tokens: count, sum and sum of squares
@@ -151,6 +211,11 @@ class StatsFactory:
         return InputStats(linear.in_features, self.gram)
 
 
+def block_output(out) -> torch.Tensor:
+    """The hidden states a decoder block returns (alone or first in a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def block_influence(
     model: nn.Module, calibration: torch.Tensor, batch_size: int, progress: bool = True
@@ -163,7 +228,7 @@ def block_influence(
     for i, block in enumerate(tqdm(layers, desc="block influence", disable=not progress, unit="layer")):
         total, count, outputs = 0.0, 0, []
         for hidden, kwargs in inputs:
-            out = _block_output(block(hidden, **kwargs))
+            out = block_output(block(hidden, **kwargs))
             cos = torch.nn.functional.cosine_similarity(hidden.double(), out.double(), dim=-1)
             total += float(cos.sum())
             count += cos.numel()
@@ -171,6 +236,25 @@ def block_influence(
         scores[i] = 1.0 - total / count
         inputs = outputs
     return scores
+
+
+@torch.no_grad()
+def dense_input_stats(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int, names: list[str], progress: bool = True
+) -> list[dict[str, InputStats]]:
+    """Per decoder layer, the input statistics (no Gram matrix) of its Linears named ``names`` (e.g.
+    ``o_proj``, ``down_proj``) over the calibration windows, all measured on the dense model in one pass
+    before anything is pruned."""
+    stats = StatsFactory(gram=False)
+    inputs = capture_block_inputs(model, calibration, batch_size)
+    per_layer = []
+    for block in tqdm(decoder_layers(model), desc="dense statistics", disable=not progress, unit="layer"):
+        linears = {n: m for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in names}
+        outputs: list = []
+        found = collect_stats(block, linears, stats, inputs, outputs)
+        per_layer.append({n.rsplit(".", 1)[-1]: v for n, v in found.items()})
+        inputs = outputs
+    return per_layer
 
 
 def head_scores_from_columns(column_scores: torch.Tensor, d: Dims) -> torch.Tensor:

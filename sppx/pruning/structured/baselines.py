@@ -1,14 +1,23 @@
-"""Structured baselines, on the same units, budget and calibration data as COMP and NutePrune.
+"""Structured baselines, on the same units, budget, layer choice and calibration data as COMP.
+
+Every one accepts any of ``units`` = layers / heads / neurons except ShortGPT (layers only), spends
+``layer_share`` of the budget on whole layers when it removes layers and more, and prunes only the
+layers of ``layer_range``. Layer criteria: the method's own where it has one, Block Influence otherwise.
 
 - ``shortgpt``: remove the layers with the lowest Block Influence.
-- ``magnitude_structured``: a unit's score is the L2 norm of all its weights (no data).
+- ``magnitude_structured``: a unit's score is the L2 norm of all its weights (no data); a layer's, the
+  L2 norm of all its projection weights.
 - ``llm_pruner``: first-order Taylor group importance sum |W * dL/dW| over the unit's weights, with the
   gradient of the language-modelling loss on a few calibration windows (LLM-Pruner's element-wise
-  first-order score, summed over the group); the whole model's gradients are held once.
-- ``flap``: the fluctuation metric var_tokens(x_j) * ||W[:, j]||^2 on o_proj / down_proj inputs, and
-  bias compensation b += W[:, pruned] mean(x_pruned) so the removed units' mean output stays; one layer
-  at a time on the already pruned layers' outputs. (FLAP's adaptive, non-uniform widths are not used:
-  every layer removes the same number of units.)
+  first-order score, summed over the group); a layer's, the same sum over all its projections (the
+  block-wise grouping). The whole model's gradients are held once. By default only LLM-Pruner's layer
+  range is pruned (the first 4/32 and last 2/32 of the layers stay).
+- ``flap``: the fluctuation metric var_tokens(x_j) * ||W[:, j]||^2 on o_proj / down_proj inputs of the
+  dense model (every layer measured before anything is pruned), squared for o_proj's channels; a head
+  scores the sum of its channels (``allocation=uniform``) or, with ``allocation=global``, the scores are
+  standardised per layer and module and the lowest go across all layers (a head: the mean of its
+  standardised channels), so widths differ per layer. Bias compensation b += W[:, pruned] mean(x_pruned)
+  keeps the removed units' mean output. Layers (FLAP has no criterion for them): Block Influence.
 """
 
 from __future__ import annotations
@@ -21,13 +30,13 @@ from tqdm.auto import tqdm
 
 from sppx.errors import require, require_positive_int
 from sppx.evaluate import next_token_nll
-from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers, run_blocks
+from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured.base import (
-    StatsFactory,
+    InputStats,
+    OneShotStructured,
     StructuredContext,
-    StructuredPruner,
     block_influence,
-    head_scores_from_columns,
+    dense_input_stats,
 )
 from sppx.pruning.structured.units import (
     Budget,
@@ -37,7 +46,9 @@ from sppx.pruning.structured.units import (
     head_columns,
     heads_to_remove,
     keep_all_but,
+    layers_to_remove,
     lowest_units,
+    spread_globally,
 )
 
 
@@ -66,8 +77,27 @@ def group_sums(d: Dims, block: nn.Module, values) -> tuple[torch.Tensor, torch.T
     return heads.detach().double().cpu(), neurons.detach().double().cpu()
 
 
+def layer_sum(block: nn.Module, values) -> float:
+    """A per-weight quantity ``values(linear)`` summed over every projection of a decoder layer."""
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    return float(sum(values(lin).double().sum() for lin in linears))
+
+
+def choose_layers(
+    pruner: OneShotStructured, structure: Structure, budget: Budget, criterion: str, scores
+) -> None:
+    """Remove the budget's layers with the lowest ``scores`` (one per layer) and report them."""
+    structure.layers_removed = layers_to_remove(structure.dims, scores, budget)
+    pruner.record_layers(criterion, scores)
+
+
+def pruned_layers(structure: Structure, budget: Budget) -> list[int]:
+    """The kept layers whose heads and neurons the budget prunes."""
+    return [i for i in structure.layers_kept if budget.prunes(structure.dims, i)]
+
+
 @dataclass
-class ShortGPTPruner(StructuredPruner):
+class ShortGPTPruner(OneShotStructured):
     """``pruner=shortgpt``: whole layers with the lowest Block Influence."""
 
     units: list = None
@@ -75,48 +105,59 @@ class ShortGPTPruner(StructuredPruner):
     allowed_units = ("layers",)
 
     def __post_init__(self):
-        self.units = self.units or ["layers"]
+        if self.units is None:
+            self.units = ["layers"]
+        require(
+            self.units == ["layers"],
+            "pruner.units",
+            self.units,
+            "shortgpt's Block Influence ranks whole layers only: allowed: [layers]",
+        )
         super().__post_init__()
-        self.report: dict = {}
 
     @torch.no_grad()
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
         structure = Structure(Dims.of(model.config))
         with ctx.watch("block influence"):
             bi = block_influence(model, ctx.calibration, self.batch_size, ctx.progress)
-        structure.layers_removed = lowest_units(bi, budget.layers)
-        self.report = {"block_influence": [round(float(x), 6) for x in bi]}
+        choose_layers(self, structure, budget, "block influence", bi)
         return structure
 
 
 @dataclass
-class MagnitudeStructuredPruner(StructuredPruner):
-    """``pruner=magnitude_structured``: the L2 norm of each head's and neuron's weights."""
+class MagnitudeStructuredPruner(OneShotStructured):
+    """``pruner=magnitude_structured``: the L2 norm of each layer's, head's and neuron's weights."""
 
     name = "magnitude_structured"
-    allowed_units = ("heads", "neurons")
     needs_calibration = False
 
     @torch.no_grad()
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
         d = Dims.of(model.config)
         structure = Structure(d)
-        for i, block in enumerate(decoder_layers(model)):
-            heads, neurons = group_sums(d, block, lambda lin: lin.weight.double().pow(2))
+        blocks = decoder_layers(model)
+        if budget.layers:
+            norms = torch.tensor(
+                [layer_sum(b, lambda lin: lin.weight.double().pow(2)) for b in blocks]
+            ).sqrt()
+            choose_layers(self, structure, budget, "weight norm", norms)
+        for i in pruned_layers(structure, budget):
+            heads, neurons = group_sums(d, blocks[i], lambda lin: lin.weight.double().pow(2))
             choose_units(structure, i, budget, heads.sqrt(), neurons.sqrt())
         return structure
 
 
 @dataclass
-class LLMPrunerPruner(StructuredPruner):
+class LLMPrunerPruner(OneShotStructured):
     """``pruner=llm_pruner``: first-order Taylor importance of each group from the LM loss's gradient
-    on ``nsamples`` calibration windows cut to ``seqlen`` tokens (LLM-Pruner: 10 x 64)."""
+    on ``nsamples`` calibration windows cut to ``seqlen`` tokens (LLM-Pruner: 10 x 64); by default only
+    LLM-Pruner's layer range is pruned."""
 
+    layer_range: object = "reference"
     nsamples: int = 10
     seqlen: int = 64
 
     name = "llm_pruner"
-    allowed_units = ("heads", "neurons")
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,8 +166,6 @@ class LLMPrunerPruner(StructuredPruner):
 
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
         d = Dims.of(model.config)
-        windows = ctx.calibration[: self.nsamples, : self.seqlen]
-        device = next(model.parameters()).device
         linears = [m for block in decoder_layers(model) for m in block.modules() if isinstance(m, nn.Linear)]
         was_training = model.training
         model.eval()
@@ -135,19 +174,9 @@ class LLMPrunerPruner(StructuredPruner):
             lin.weight.requires_grad_(True)
         try:
             with ctx.watch("gradients"):
-                for batch in tqdm(
-                    windows.split(self.batch_size), desc="taylor gradients", disable=not ctx.progress
-                ):
-                    batch = batch.to(device)
-                    nll, count = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
-                    (
-                        nll / (count * windows.shape[0] / batch.shape[0])
-                    ).backward()  # the mean over all windows
-            structure = Structure(d)
+                self._gradients(model, ctx)
             with ctx.watch("masks"), torch.no_grad():
-                for i, block in enumerate(decoder_layers(model)):
-                    heads, neurons = group_sums(d, block, lambda lin: (lin.weight * lin.weight.grad).abs())
-                    choose_units(structure, i, budget, heads, neurons)
+                structure = self._choose(model, d, budget)
         finally:
             for lin in linears:
                 lin.weight.grad = None
@@ -155,18 +184,74 @@ class LLMPrunerPruner(StructuredPruner):
             model.train(was_training)
         return structure
 
+    def _gradients(self, model, ctx: StructuredContext) -> None:
+        """Accumulate the gradient of the mean next-token loss over the windows in the weights."""
+        windows = ctx.calibration[: self.nsamples, : self.seqlen]
+        device = next(model.parameters()).device
+        for batch in tqdm(windows.split(self.batch_size), desc="taylor gradients", disable=not ctx.progress):
+            batch = batch.to(device)
+            nll, count = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
+            (nll / (count * windows.shape[0] / batch.shape[0])).backward()  # the mean over all windows
+
+    def _choose(self, model, d: Dims, budget: Budget) -> Structure:
+        structure = Structure(d)
+        blocks = decoder_layers(model)
+
+        def taylor(lin: nn.Linear) -> torch.Tensor:
+            return (lin.weight * lin.weight.grad).abs()
+
+        if budget.layers:
+            choose_layers(
+                self, structure, budget, "taylor", torch.tensor([layer_sum(b, taylor) for b in blocks])
+            )
+        for i in pruned_layers(structure, budget):
+            heads, neurons = group_sums(d, blocks[i], taylor)
+            choose_units(structure, i, budget, heads, neurons)
+        return structure
+
+
+def fluctuation(stats: InputStats, linear: nn.Linear) -> torch.Tensor:
+    """FLAP's per input channel score: var_tokens(x_j) * ||W[:, j]||^2 (float64, CPU)."""
+    return stats.variance * linear.weight.detach().double().pow(2).sum(dim=0).cpu()
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the module's units (std with n - 1, as the reference)."""
+    return (x - x.mean()) / x.std()
+
+
+def flap_scores(d: Dims, block: nn.Module, stats: dict[str, InputStats], allocation: str):
+    """(per query head, per neuron) scores of one layer from its dense input statistics. A channel of
+    o_proj scores its fluctuation squared; ``uniform``: a head is the sum of its channels', neurons their
+    fluctuation; ``global``: both standardised over the layer's module first, a head the mean."""
+    channels = fluctuation(stats["o_proj"], block.self_attn.o_proj).pow(2)
+    neurons = fluctuation(stats["down_proj"], block.mlp.down_proj)
+    if allocation == "uniform":
+        return channels.reshape(d.heads, d.head_dim).sum(dim=1), neurons
+    return standardise(channels).reshape(d.heads, d.head_dim).mean(dim=1), standardise(neurons)
+
+
+FLAP_ALLOCATIONS = ("uniform", "global")
+
 
 @dataclass
-class FLAPPruner(StructuredPruner):
-    """``pruner=flap``: fluctuation metric and bias compensation, one layer at a time."""
+class FLAPPruner(OneShotStructured):
+    """``pruner=flap``: fluctuation metric on the dense model's activations, uniform or global
+    (standardised, per-layer widths) allocation, and bias compensation."""
 
+    allocation: str = "global"  # uniform: the budget's units from every layer | global: the lowest overall
     bias_compensation: bool = True
 
     name = "flap"
-    allowed_units = ("heads", "neurons")
 
     def __post_init__(self):
         super().__post_init__()
+        require(
+            self.allocation in FLAP_ALLOCATIONS,
+            "pruner.allocation",
+            self.allocation,
+            f"allowed: {', '.join(FLAP_ALLOCATIONS)}",
+        )
         require(
             isinstance(self.bias_compensation, bool),
             "pruner.bias_compensation",
@@ -178,33 +263,44 @@ class FLAPPruner(StructuredPruner):
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
         d = Dims.of(model.config)
         structure = Structure(d)
-        stats = StatsFactory(gram=False)
-        with ctx.watch("capture"):
-            inputs = capture_block_inputs(model, ctx.calibration, self.batch_size)
-
-        def remove(linear: nn.Linear, gone: torch.Tensor, mean: torch.Tensor) -> None:
-            if self.bias_compensation and gone.numel():
-                add_bias(linear, linear.weight[:, gone].double() @ mean[gone].to(linear.weight.device))
-            linear.weight[:, gone] = 0.0
-
-        def visit(i: int, block: nn.Module, block_inputs) -> None:
-            attn, mlp = block.self_attn, block.mlp
-            if budget.heads:
-                with ctx.watch("statistics"):
-                    x = collect_stats(block, {"o_proj": attn.o_proj}, stats, block_inputs)["o_proj"]
-                with ctx.watch("masks"):
-                    fluct = x.variance * attn.o_proj.weight.double().pow(2).sum(dim=0).cpu()
-                    choose_units(structure, i, budget, head_scores_from_columns(fluct, d), None)
-                    gone = head_columns(keep_all_but(d.heads, structure.heads[i]), d.head_dim)
-                    remove(attn.o_proj, gone, x.mean)
-            if budget.neurons:
-                with ctx.watch("statistics"):
-                    x = collect_stats(block, {"down_proj": mlp.down_proj}, stats, block_inputs)["down_proj"]
-                with ctx.watch("masks"):
-                    fluct = x.variance * mlp.down_proj.weight.double().pow(2).sum(dim=0).cpu()
-                    choose_units(structure, i, budget, None, fluct)
-                    gone = keep_all_but(d.intermediate, structure.neurons[i])
-                    remove(mlp.down_proj, torch.tensor(gone, dtype=torch.long), x.mean)
-
-        run_blocks(decoder_layers(model), inputs, visit, ctx.progress, "prune (flap)", ctx.watch)
+        blocks = decoder_layers(model)
+        if budget.layers:
+            with ctx.watch("block influence"):
+                bi = block_influence(model, ctx.calibration, self.batch_size, ctx.progress)
+            choose_layers(self, structure, budget, "block influence", bi)
+        layers = pruned_layers(structure, budget)
+        if not (budget.heads or budget.neurons) or not layers:
+            return structure
+        with ctx.watch("statistics"):
+            stats = dense_input_stats(
+                model, ctx.calibration, self.batch_size, ["o_proj", "down_proj"], ctx.progress
+            )
+        with ctx.watch("masks"):
+            scores = {i: flap_scores(d, blocks[i], stats[i], self.allocation) for i in layers}
+            if self.allocation == "global":
+                heads = {i: h for i, (h, _) in scores.items()}
+                neurons = {i: n for i, (_, n) in scores.items()}
+                budgets = spread_globally(d, budget, heads, neurons, self.neuron_multiple)
+            else:
+                budgets = dict.fromkeys(layers, budget)
+            for i in layers:
+                choose_units(structure, i, budgets[i], *scores[i])
+                self._remove(structure, i, blocks[i], stats[i])
         return structure
+
+    def _remove(self, structure: Structure, i: int, block: nn.Module, stats: dict[str, InputStats]) -> None:
+        """Zero layer ``i``'s removed units' o_proj / down_proj columns, adding their mean output to the
+        bias first (with ``bias_compensation``)."""
+        d = structure.dims
+        gone_heads = head_columns(keep_all_but(d.heads, structure.heads_of(i)), d.head_dim)
+        gone_neurons = torch.tensor(keep_all_but(d.intermediate, structure.neurons_of(i)), dtype=torch.long)
+        for linear, gone, x in (
+            (block.self_attn.o_proj, gone_heads, stats["o_proj"]),
+            (block.mlp.down_proj, gone_neurons, stats["down_proj"]),
+        ):
+            if not gone.numel():
+                continue
+            if self.bias_compensation:
+                mean = x.mean[gone].to(linear.weight.device)
+                add_bias(linear, linear.weight[:, gone.to(linear.weight.device)].double() @ mean)
+            linear.weight[:, gone.to(linear.weight.device)] = 0.0

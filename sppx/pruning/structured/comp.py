@@ -12,7 +12,10 @@
    matches the dense Linear's output on the same calibration inputs, then folded into the weights
    (``mask_tuning=columns`` re-fits the kept columns themselves instead).
    A solve is abandoned (scales 1) when it is ill-conditioned (any |m| > ``max_scale`` or not finite)
-   or when it would not lower the calibration error, so tuning never increases it.
+   or when it would not lower the error on the windows it is fitted on, so tuning never increases it
+   there. The units are chosen on every calibration window; the scales are fitted on all but the last
+   ``holdout`` of them, and each layer's output error before and after tuning is reported on both the
+   fit windows' tokens and the held-out windows' tokens (``fit_error_*``, ``heldout_error_*``).
 """
 
 from __future__ import annotations
@@ -22,23 +25,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sppx.errors import is_number, require
+from sppx.errors import is_number, require, require_fraction
 from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers, run_blocks
 from sppx.pruning.structured.base import (
+    OneShotStructured,
     StatsFactory,
     StructuredContext,
-    StructuredPruner,
     block_influence,
-    require_layer_share,
 )
 from sppx.pruning.structured.units import (
     Budget,
     Dims,
     Structure,
-    allocate,
-    head_columns,
     heads_to_remove,
     keep_all_but,
+    layers_to_remove,
     lowest_units,
 )
 
@@ -159,6 +160,44 @@ def fold_column_scales(linear: nn.Linear, columns: torch.Tensor, scales: torch.T
     w[:, columns.to(w.device)] *= scales.to(w)
 
 
+def output_error(dense: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X W^T - X W'^T||^2 = tr((W - W') G (W - W')^T) for inputs X with G = X^T X."""
+    diff = dense.double().cpu() - weight.detach().double().cpu()
+    return float((diff @ gram.double() * diff).sum())
+
+
+@dataclass
+class Grams:
+    """A Linear's input Gram matrices over the windows the scales are fitted on and the held-out ones."""
+
+    fit: torch.Tensor
+    fit_tokens: int
+    heldout: torch.Tensor | None
+    heldout_tokens: int
+
+    @property
+    def all(self) -> torch.Tensor:
+        return self.fit if self.heldout is None else self.fit + self.heldout
+
+
+def collect_grams(block: nn.Module, linear: nn.Linear, inputs: list, fit_batches: int) -> Grams:
+    """The Gram matrices of ``linear``'s inputs over the first ``fit_batches`` mini-batches and the rest."""
+    stats = StatsFactory(gram=True)
+    fit = collect_stats(block, {"x": linear}, stats, inputs[:fit_batches])["x"]
+    if fit_batches == len(inputs):
+        return Grams(fit.gram, fit.n, None, 0)
+    held = collect_stats(block, {"x": linear}, stats, inputs[fit_batches:])["x"]
+    return Grams(fit.gram, fit.n, held.gram, held.n)
+
+
+def split_windows(n: int, holdout: float) -> int:
+    """How many of ``n`` calibration windows are held out from the scale fit (at least one each side
+    when ``holdout`` > 0 and there are two windows)."""
+    if holdout <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(holdout * n)))
+
+
 # scales: one scale per kept unit (the abort rule |m| > max_scale applies); columns: re-fit every kept
 # column of o_proj / down_proj (damped least squares: a lower layer error, but a worse perplexity on
 # SmolLM2-135M at 20%: 57.5 vs 55.2); none: the chosen units are only removed.
@@ -166,15 +205,15 @@ MASK_TUNING = ("scales", "columns", "none")
 
 
 @dataclass
-class COMPPruner(StructuredPruner):
+class COMPPruner(OneShotStructured):
     """``pruner=comp``: Block-Influence layer removal, condition-based neurons (and heads), and
     least-squares mask tuning folded into the weights; forward passes only."""
 
     units: list = None
-    layer_share: float = 0.5  # fraction of the parameter budget spent on whole layers
     damp: float = 0.01  # lambda = damp x mean(diag G) in the condition metric
     mask_tuning: str = "scales"  # scales | columns | none (see MASK_TUNING)
     max_scale: float = 10.0  # a re-fit with any |scale| above this is abandoned (scales stay 1)
+    holdout: float = 0.25  # fraction of the calibration windows the scales are not fitted on
 
     name = "comp"
 
@@ -182,7 +221,6 @@ class COMPPruner(StructuredPruner):
         if self.units is None:
             self.units = ["layers", "neurons"]
         super().__post_init__()
-        require_layer_share(self.layer_share)
         require(is_number(self.damp) and self.damp > 0, "pruner.damp", self.damp, "must be a number > 0")
         require(
             self.mask_tuning in MASK_TUNING,
@@ -196,91 +234,129 @@ class COMPPruner(StructuredPruner):
             self.max_scale,
             "must be a number > 1",
         )
-        self.report: dict = {}
-
-    def budget(self, d: Dims, sparsity: float) -> Budget:
-        return allocate(d, sparsity, self.units, self.head_mode, self.layer_share, self.neuron_multiple)
+        require_fraction("pruner.holdout", self.holdout)
 
     @torch.no_grad()
     def select(self, model: nn.Module, budget: Budget, ctx: StructuredContext) -> Structure:
         d = Dims.of(model.config)
-        layers = decoder_layers(model)
         structure = Structure(d)
-        watch = ctx.watch
         if budget.layers:
-            with watch("block influence"):
+            with ctx.watch("block influence"):
                 bi = block_influence(model, ctx.calibration, self.batch_size, ctx.progress)
-            structure.layers_removed = lowest_units(bi, budget.layers)
-            self.report["block_influence"] = [round(float(x), 6) for x in bi]
-        kept = structure.layers_kept
+            structure.layers_removed = layers_to_remove(d, bi, budget)
+            self.record_layers("block influence", bi)
         fits: list[dict] = []
+        heldout = split_windows(ctx.calibration.shape[0], self.holdout)
         if budget.heads or budget.neurons:
-            stats = StatsFactory(gram=True)
-            with watch("capture"):
-                inputs = capture_block_inputs(model, ctx.calibration, self.batch_size)
-            # The removed layers are skipped: the kept ones see each other's (pruned) outputs.
-            walk = nn.ModuleList([layers[i] for i in kept])
-
-            def visit(k: int, block: nn.Module, block_inputs) -> None:
-                i = kept[k]
-                attn, mlp = block.self_attn, block.mlp
-                if budget.heads:
-                    with watch("statistics"):
-                        gram = collect_stats(block, {"o_proj": attn.o_proj}, stats, block_inputs)[
-                            "o_proj"
-                        ].gram
-                    with watch("masks"):
-                        scores = condition_block_scores(attn.o_proj.weight, gram, self.damp, d.head_dim)
-                        heads, kv = heads_to_remove(d, scores, budget)
-                        structure.heads[i], structure.kv_heads[i] = heads, kv
-                        unit_of_column = torch.arange(d.heads).repeat_interleave(d.head_dim)
-                        fits.append(
-                            self._tune(i, "heads", attn.o_proj, gram, unit_of_column, heads, d.head_dim)
-                        )
-                        attn.o_proj.weight[:, head_columns(keep_all_but(d.heads, heads), d.head_dim)] = 0.0
-                if budget.neurons:
-                    with watch("statistics"):
-                        gram = collect_stats(block, {"down_proj": mlp.down_proj}, stats, block_inputs)[
-                            "down_proj"
-                        ].gram
-                    with watch("masks"):
-                        scores = condition_scores(mlp.down_proj.weight, gram, self.damp)
-                        neurons = keep_all_but(d.intermediate, lowest_units(scores, budget.neurons))
-                        structure.neurons[i] = neurons
-                        unit_of_column = torch.arange(d.intermediate)
-                        fits.append(self._tune(i, "neurons", mlp.down_proj, gram, unit_of_column, neurons, 1))
-                        mlp.down_proj.weight[:, keep_all_but(d.intermediate, neurons)] = 0.0
-
-            run_blocks(walk, inputs, visit, ctx.progress, "prune (comp)", watch)
+            fits = self._prune_kept_layers(model, structure, budget, ctx, heldout)
+        n = ctx.calibration.shape[0]
         self.report["mask_tuning"] = {
+            "windows": {"fit": n - heldout, "heldout": heldout},
             "fits": len(fits),
             "aborted": sum(1 for f in fits if f["aborted"]),
-            "error_before": sum(f["error_before"] for f in fits),
-            "error_after": sum(f["error_after"] for f in fits),
+            **{
+                key: sum(f[key] for f in fits)
+                for key in (
+                    "fit_error_before",
+                    "fit_error_after",
+                    "heldout_error_before",
+                    "heldout_error_after",
+                )
+                if all(key in f for f in fits)
+            },
             "layers": fits,
         }
         return structure
 
+    def _prune_kept_layers(
+        self, model: nn.Module, structure: Structure, budget: Budget, ctx: StructuredContext, heldout: int
+    ) -> list[dict]:
+        """One kept layer at a time, on the outputs of the already pruned layers before it: score,
+        choose, tune. The removed layers are skipped; the layers outside the span are only run."""
+        d, layers, watch = structure.dims, decoder_layers(model), ctx.watch
+        kept = structure.layers_kept
+        calib = ctx.calibration
+        with watch("capture"):
+            inputs = capture_block_inputs(model, calib[: calib.shape[0] - heldout], self.batch_size)
+            fit_batches = len(inputs)
+            if heldout:
+                inputs += capture_block_inputs(model, calib[calib.shape[0] - heldout :], self.batch_size)
+        fits: list[dict] = []
+
+        def visit(k: int, block: nn.Module, block_inputs) -> None:
+            i = kept[k]
+            if not budget.prunes(d, i):
+                return
+            for kind in ("heads", "neurons"):
+                if not getattr(budget, kind):
+                    continue
+                linear = block.self_attn.o_proj if kind == "heads" else block.mlp.down_proj
+                with watch("statistics"):
+                    grams = collect_grams(block, linear, block_inputs, fit_batches)
+                with watch("masks"):
+                    fits.append(self._choose_and_tune(structure, i, kind, linear, grams, budget))
+
+        walk = nn.ModuleList([layers[i] for i in kept])
+        run_blocks(walk, inputs, visit, ctx.progress, "prune (comp)", watch)
+        return fits
+
+    def _choose_and_tune(
+        self, structure: Structure, i: int, kind: str, linear: nn.Linear, grams: Grams, budget: Budget
+    ) -> dict:
+        """Score layer ``i``'s heads or neurons on every calibration window, record the kept ones, then
+        tune the kept units on the fit windows and zero the removed ones."""
+        d = structure.dims
+        if kind == "heads":
+            scores = condition_block_scores(linear.weight, grams.all, self.damp, d.head_dim)
+            structure.heads[i], structure.kv_heads[i] = heads_to_remove(d, scores, budget)
+            kept, width = structure.heads[i], d.head_dim
+            unit_of_column = torch.arange(d.heads).repeat_interleave(d.head_dim)
+        else:
+            scores = condition_scores(linear.weight, grams.all, self.damp)
+            kept = keep_all_but(d.intermediate, lowest_units(scores, budget.neurons))
+            structure.neurons[i], width = kept, 1
+            unit_of_column = torch.arange(d.intermediate)
+        return self._tune(i, kind, linear, grams, unit_of_column, kept, width)
+
     def _tune(
-        self, layer: int, kind: str, linear: nn.Linear, gram, unit_of_column, kept: list[int], width: int
-    ):
-        """Re-fit the kept columns or units' scales and write them into ``linear`` (or record the
-        untuned error with mask_tuning=none)."""
+        self,
+        layer: int,
+        kind: str,
+        linear: nn.Linear,
+        grams: Grams,
+        unit_of_column,
+        kept: list[int],
+        width: int,
+    ) -> dict:
+        """Re-fit the kept columns or units' scales on the fit windows and write them into ``linear``
+        (or record the untuned error with mask_tuning=none), then zero the removed units' columns. The
+        errors are the Linear's output error against its dense output on the same inputs."""
+        dense = linear.weight.detach().double().cpu().clone()
         columns = torch.cat([torch.arange(u * width, (u + 1) * width) for u in kept])
+        gone = torch.tensor(sorted(set(range(dense.shape[1])) - set(columns.tolist())), dtype=torch.long)
         if self.mask_tuning == "columns":
-            fit = refit_columns(linear.weight, gram, columns, self.damp)
+            fit = refit_columns(linear.weight, grams.fit, columns, self.damp)
             if fit.aborted is None:
                 linear.weight[:, columns.to(linear.weight.device)] = fit.weight.to(linear.weight)
         else:
-            fit = fit_unit_scales(linear.weight, gram, unit_of_column, kept, self.max_scale)
+            fit = fit_unit_scales(linear.weight, grams.fit, unit_of_column, kept, self.max_scale)
             if self.mask_tuning == "scales" and fit.aborted is None:
                 fold_column_scales(linear, columns, fit.scales.repeat_interleave(width))
             elif self.mask_tuning == "none":
                 fit = ScaleFit(fit.scales, fit.error_before, fit.error_before, "mask_tuning=none")
-        return {
+        linear.weight[:, gone.to(linear.weight.device)] = 0.0
+        record = {
             "layer": layer,
             "units": kind,
-            "error_before": fit.error_before,
-            "error_after": fit.error_after,
             "aborted": fit.aborted,
+            "fit_tokens": grams.fit_tokens,
+            "fit_error_before": fit.error_before,
+            "fit_error_after": fit.error_after,
         }
+        if grams.heldout is not None:
+            untuned = dense.clone()
+            untuned[:, gone] = 0.0
+            record["heldout_tokens"] = grams.heldout_tokens
+            record["heldout_error_before"] = output_error(dense, untuned, grams.heldout)
+            record["heldout_error_after"] = output_error(dense, linear.weight, grams.heldout)
+        return record

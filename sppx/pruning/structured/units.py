@@ -9,23 +9,32 @@ column). A :class:`Structure` lists what is kept; it can be applied two ways tha
   a head's o_proj columns, a neuron's down_proj column): same shapes, exactly the removed model's output
   up to the order of floating-point sums;
 - :func:`shrink_model` removes them from the matrices and the layer list and rewrites the config, so
-  the model is physically smaller and ``save_pretrained`` writes a standard Llama config.
+  the model is physically smaller and ``save_pretrained`` writes a config that describes it.
 
-Widths are uniform: every kept layer keeps the same number of heads (the same number in every K/V
-group) and neurons, which is what a standard config can describe.
+Inside a layer every kept K/V group keeps the same number of query heads. Layers may keep different
+numbers of heads and neurons (a protected layer range, FLAP's global allocation): a uniform structure
+is saved with a standard config; otherwise the config keeps the dense widths and lists each layer's
+own under ``sppx_layer_widths`` (see :func:`sppx.models.load_layer_widths_model`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from sppx.errors import ConfigError
+from sppx.models import LAYER_WIDTHS_KEY, WIDTH_KEYS
 from sppx.pruning.sequential import decoder_layers
 
 UNITS = ("layers", "heads", "neurons")
 HEAD_MODES = ("query", "group")
+# LLM-Pruner prunes blocks 4..29 of LLaMA-7B's 32: the first 4/32 and the last 2/32 of the layers stay.
+REFERENCE_PROTECTED = (4 / 32, 2 / 32)
+LAYER_RANGES = ("all", "reference")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,12 @@ class Dims:
 
     @classmethod
     def of(cls, config) -> Dims:
+        if getattr(config, LAYER_WIDTHS_KEY, None):
+            raise ConfigError(
+                "model",
+                LAYER_WIDTHS_KEY,
+                "has per-layer widths already: structured pruning needs uniform widths",
+            )
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -85,6 +100,24 @@ class Dims:
         return self.layers * self.layer_params
 
 
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def pruned_span(layers: int, layer_range) -> tuple[int, int]:
+    """``(start, end)``: the decoder layers ``start <= i < end`` that may be pruned; the others stay intact.
+
+    ``all``: every layer. ``reference``: LLM-Pruner's choice scaled to the depth (round(4/32 L) first and
+    round(2/32 L) last layers kept, halves rounded up). ``[start, end]``: those layers."""
+    if layer_range == "all":
+        return 0, layers
+    if layer_range == "reference":
+        first, last = (round_half_up(f * layers) for f in REFERENCE_PROTECTED)
+        return first, max(first + 1, layers - last)
+    start, end = layer_range
+    return int(start), int(end)
+
+
 @dataclass
 class Structure:
     """What is kept, by original index: layers, query heads and K/V heads per layer, neurons per layer.
@@ -109,20 +142,19 @@ class Structure:
     def neurons_of(self, layer: int) -> list[int]:
         return self.neurons.get(layer, list(range(self.dims.intermediate)))
 
-    def widths(self) -> tuple[int, int, int]:
-        """(query heads, K/V heads, neurons) per kept layer; ValueError unless they are uniform and every
-        K/V head keeps the same number of query heads (what a standard config can describe)."""
+    def layer_widths(self) -> list[tuple[int, int, int]]:
+        """(query heads, K/V heads, neurons) of every kept layer, in order. ValueError when a kept layer
+        keeps nothing of a kind, or keeps query heads outside its kept K/V groups or a different number
+        of them in each (a layer's attention must stay a plain grouped-query attention)."""
         kept = self.layers_kept
         if not kept:
             raise ValueError("every decoder layer is removed")
-        shapes = {(len(self.heads_of(i)), len(self.kv_heads_of(i)), len(self.neurons_of(i))) for i in kept}
-        if len(shapes) != 1:
-            raise ValueError(f"per-layer widths differ: {sorted(shapes)}; only uniform widths are exported")
-        heads, kv, neurons = shapes.pop()
-        if heads < 1 or kv < 1 or neurons < 1:
-            raise ValueError("a kept layer must keep at least one head, one K/V head and one neuron")
         g = self.dims.group_size
+        out = []
         for i in kept:
+            heads, kv, neurons = len(self.heads_of(i)), len(self.kv_heads_of(i)), len(self.neurons_of(i))
+            if heads < 1 or kv < 1 or neurons < 1:
+                raise ValueError(f"layer {i}: a kept layer must keep a head, a K/V head and a neuron")
             per_group = [sum(1 for h in self.heads_of(i) if h // g == k) for k in range(self.dims.kv_heads)]
             kv_set = set(self.kv_heads_of(i))
             if any(n and k not in kv_set for k, n in enumerate(per_group)) or any(
@@ -132,7 +164,21 @@ class Structure:
                     f"layer {i}: query heads {self.heads_of(i)} do not keep the same number in every kept "
                     f"K/V group {sorted(kv_set)}"
                 )
-        return heads, kv, neurons
+            out.append((heads, kv, neurons))
+        return out
+
+    def uniform_widths(self) -> tuple[int, int, int] | None:
+        """The widths every kept layer shares, or None when they differ."""
+        shapes = set(self.layer_widths())
+        return shapes.pop() if len(shapes) == 1 else None
+
+    def widths(self) -> tuple[int, int, int]:
+        """(query heads, K/V heads, neurons) shared by every kept layer; ValueError when they differ
+        (see :meth:`layer_widths`)."""
+        uniform = self.uniform_widths()
+        if uniform is None:
+            raise ValueError(f"per-layer widths differ: {sorted(set(self.layer_widths()))}")
+        return uniform
 
     def kept_params(self) -> int:
         d = self.dims
@@ -148,13 +194,21 @@ class Structure:
         return 1.0 - self.kept_params() / self.dims.total
 
     def summary(self) -> dict:
-        heads, kv, neurons = self.widths()
+        """results.json's structure: per-layer widths as one number each when uniform, else as lists
+        (one entry per kept layer, in order); ``widths`` always names every kept layer's."""
+        widths = self.layer_widths()
+        uniform = self.uniform_widths()
+        columns = list(zip(*widths, strict=True))
+        keys = ("heads_per_layer", "kv_heads_per_layer", "neurons_per_layer")
         return {
             "layers_removed": sorted(self.layers_removed),
             "layers": len(self.layers_kept),
-            "heads_per_layer": heads,
-            "kv_heads_per_layer": kv,
-            "neurons_per_layer": neurons,
+            "uniform": uniform is not None,
+            **{k: (uniform[n] if uniform else list(columns[n])) for n, k in enumerate(keys)},
+            "widths": [
+                {"layer": i, "heads": h, "kv_heads": kv, "neurons": n}
+                for i, (h, kv, n) in zip(self.layers_kept, widths, strict=True)
+            ],
             "sparsity": round(self.sparsity(), 6),
         }
 
@@ -163,39 +217,58 @@ class Structure:
 class Budget:
     """How many units go: whole layers, then per kept layer ``heads`` query heads (``head_mode=query``:
     ``heads // kv_heads`` from every K/V group; ``group``: ``heads // group_size`` whole groups) and
-    ``neurons`` neurons."""
+    ``neurons`` neurons. Only the layers ``start <= i < end`` are pruned (``end`` None: to the last);
+    the others keep everything."""
 
     layers: int = 0
     heads: int = 0
     neurons: int = 0
     head_mode: str = "query"
+    start: int = 0
+    end: int | None = None
+
+    def span(self, d: Dims) -> range:
+        return range(self.start, d.layers if self.end is None else self.end)
+
+    def prunes(self, d: Dims, layer: int) -> bool:
+        return layer in self.span(d)
+
+    def per_layer_params(self, d: Dims) -> int:
+        """Parameters a kept layer of the span loses."""
+        removed = self.heads * d.head_params + self.neurons * d.neuron_params
+        if self.head_mode == "group":
+            removed += self.heads // d.group_size * d.kv_params
+        return removed
 
     def linear_shapes(self, d: Dims, prefix: str = "model.layers") -> dict[str, tuple[int, int]]:
-        """``{name: (out, in)}`` of every projection of the pruned model (uniform widths)."""
+        """``{name: (out, in)}`` of every projection of the pruned model (the removed layers are in the
+        span, so the layers before it come first and those after it last, all intact)."""
         heads = d.heads - self.heads
         kv = d.kv_heads - (self.heads // d.group_size if self.head_mode == "group" else 0)
-        neurons, h, hd = d.intermediate - self.neurons, d.hidden, d.head_dim
-        per_layer = {
-            "self_attn.q_proj": (heads * hd, h),
-            "self_attn.k_proj": (kv * hd, h),
-            "self_attn.v_proj": (kv * hd, h),
-            "self_attn.o_proj": (h, heads * hd),
-            "mlp.gate_proj": (neurons, h),
-            "mlp.up_proj": (neurons, h),
-            "mlp.down_proj": (h, neurons),
-        }
-        return {
-            f"{prefix}.{i}.{n}": shape
-            for i in range(d.layers - self.layers)
-            for n, shape in per_layer.items()
-        }
+        span = self.span(d)
+        widths = (
+            [(d.heads, d.kv_heads, d.intermediate)] * span.start
+            + [(heads, kv, d.intermediate - self.neurons)] * (len(span) - self.layers)
+            + [(d.heads, d.kv_heads, d.intermediate)] * (d.layers - span.stop)
+        )
+        h, hd = d.hidden, d.head_dim
+        shapes = {}
+        for i, (q, k, n) in enumerate(widths):
+            per_layer = {
+                "self_attn.q_proj": (q * hd, h),
+                "self_attn.k_proj": (k * hd, h),
+                "self_attn.v_proj": (k * hd, h),
+                "self_attn.o_proj": (h, q * hd),
+                "mlp.gate_proj": (n, h),
+                "mlp.up_proj": (n, h),
+                "mlp.down_proj": (h, n),
+            }
+            shapes.update({f"{prefix}.{i}.{name}": shape for name, shape in per_layer.items()})
+        return shapes
 
     def removed_params(self, d: Dims) -> int:
-        kept_layers = d.layers - self.layers
-        per_layer = self.heads * d.head_params + self.neurons * d.neuron_params
-        if self.head_mode == "group":
-            per_layer += self.heads // d.group_size * d.kv_params
-        return self.layers * d.layer_params + kept_layers * per_layer
+        kept_layers = len(self.span(d)) - self.layers
+        return self.layers * d.layer_params + kept_layers * self.per_layer_params(d)
 
     def sparsity(self, d: Dims) -> float:
         return self.removed_params(d) / d.total
@@ -208,21 +281,25 @@ def allocate(
     head_mode: str = "query",
     layer_share: float = 1.0,
     neuron_multiple: int = 1,
+    span: tuple[int, int] | None = None,
 ) -> Budget:
-    """Spread ``sparsity`` (fraction of :attr:`Dims.total`) over the chosen units.
+    """Spread ``sparsity`` (fraction of :attr:`Dims.total`) over the chosen units of the layers in
+    ``span`` (``(start, end)``; None: every layer).
 
     With ``layers``: ``layer_share`` of the budget (all of it when layers are the only unit) goes to whole
-    layers (rounded). The rest is spread uniformly over the kept layers: heads take the same fraction of
-    the attention as the rest of the budget is of a layer (rounded to whole heads, the same number per
-    K/V group), and neurons take what is left, rounded so that the kept count is a multiple of
-    ``neuron_multiple`` (which adapters with row groups and fast kernels like).
+    layers of the span (rounded). The rest is spread uniformly over the span's kept layers: heads take the
+    same fraction of the attention as the rest of the budget is of a layer (rounded to whole heads, the
+    same number per K/V group), and neurons take what is left, rounded so that the kept count is a
+    multiple of ``neuron_multiple`` (which adapters with row groups and fast kernels like).
     """
+    start, end = span or (0, d.layers)
     want = sparsity * d.total
     layers = 0
     if "layers" in units:
         share = layer_share if ("heads" in units or "neurons" in units) else 1.0
-        layers = min(d.layers - 1, round(share * want / d.layer_params))
-    kept = d.layers - layers
+        most = end - start - (1 if end - start == d.layers else 0)  # never every layer of the model
+        layers = min(most, round(share * want / d.layer_params))
+    kept = end - start - layers
     left = max(0.0, want - layers * d.layer_params)
     heads = 0
     if "heads" in units and kept:
@@ -231,16 +308,16 @@ def allocate(
             heads = min(d.group_size - 1, round(fraction * d.group_size)) * d.kv_heads
         else:  # whole K/V groups
             heads = min(d.kv_heads - 1, round(fraction * d.kv_heads)) * d.group_size
-    budget = Budget(layers, heads, 0, head_mode)
+    budget = Budget(layers, heads, 0, head_mode, start, end)
     neurons = 0
     if "neurons" in units and kept:
-        left -= budget.removed_params(d) - layers * d.layer_params
+        left -= kept * budget.per_layer_params(d)
         removed = min(d.intermediate - 1, max(0, round(left / (kept * d.neuron_params))))
         kept_neurons = max(
             neuron_multiple, round((d.intermediate - removed) / neuron_multiple) * neuron_multiple
         )
         neurons = max(0, d.intermediate - kept_neurons)
-    return Budget(layers, heads, neurons, head_mode)
+    return Budget(layers, heads, neurons, head_mode, start, end)
 
 
 # --------------------------------------------------------------------------- choosing what goes
@@ -275,6 +352,74 @@ def heads_to_remove(d: Dims, scores: torch.Tensor, budget: Budget) -> tuple[list
     groups_gone = lowest_units(group_scores, budget.heads // g)
     kv = keep_all_but(d.kv_heads, groups_gone)
     return [k * g + j for k in kv for j in range(g)], kv
+
+
+def layers_to_remove(d: Dims, scores: torch.Tensor, budget: Budget) -> list[int]:
+    """The ``budget.layers`` layers of the budget's span with the lowest scores."""
+    span = budget.span(d)
+    return [span.start + i for i in lowest_units(scores[span.start : span.stop], budget.layers)]
+
+
+# --------------------------------------------------------------------------- global allocation
+def head_steps(d: Dims, scores: torch.Tensor, head_mode: str) -> torch.Tensor:
+    """One layer's head removals in the order they can happen, scored: ``query``: step s removes the
+    s-th lowest head of every K/V group (score: their mean); ``group``: the s-th lowest group (score: the
+    mean of its heads). A layer always keeps one head per group, or one group."""
+    per_group = scores.double().reshape(d.kv_heads, d.group_size)
+    if head_mode == "query":
+        return torch.sort(per_group, dim=1).values.mean(dim=0)[: d.group_size - 1]
+    return torch.sort(per_group.mean(dim=1)).values[: d.kv_heads - 1]
+
+
+def neuron_steps(d: Dims, scores: torch.Tensor, first: int, multiple: int) -> torch.Tensor:
+    """One layer's neuron removals after the ``first`` lowest (always removed): chunks of ``multiple``
+    neurons, lowest first, scored by their mean, while at least ``multiple`` neurons stay."""
+    ordered = torch.sort(scores.double()).values[first:]
+    chunks = max(0, (d.intermediate - first - multiple) // multiple)
+    return ordered[: chunks * multiple].reshape(chunks, multiple).mean(dim=1)
+
+
+def lowest_steps(steps: dict[int, torch.Tensor], total: int) -> dict[int, int]:
+    """How many of each layer's steps go when the ``total`` lowest-scored steps over all layers go. A
+    layer's step scores never decrease (a running maximum enforces it), so each layer loses a prefix."""
+    entries = sorted(
+        (float(v), i, s) for i, values in steps.items() for s, v in enumerate(torch.cummax(values, 0).values)
+    )
+    if total > len(entries):
+        raise ValueError(f"{total} steps wanted, {len(entries)} possible")
+    counts = dict.fromkeys(steps, 0)
+    for _, i, _ in entries[:total]:
+        counts[i] += 1
+    return counts
+
+
+def spread_globally(
+    d: Dims,
+    budget: Budget,
+    head_scores: dict[int, torch.Tensor],
+    neuron_scores: dict[int, torch.Tensor],
+    multiple: int,
+) -> dict[int, Budget]:
+    """Per-layer budgets for the layers scored (keys: the kept layers of the span): the budget's total
+    heads and neurons over those layers, but given to the globally lowest-scored units (scores must be
+    comparable across layers, e.g. standardised per layer). Every layer keeps whole steps (the same
+    number of heads per K/V group, a multiple of ``multiple`` neurons), and the parameters removed are
+    exactly the uniform budget's."""
+    layers = sorted(set(head_scores) | set(neuron_scores))
+    per_step = d.kv_heads if budget.head_mode == "query" else d.group_size
+    heads = dict.fromkeys(layers, 0)
+    if budget.heads:
+        steps = {i: head_steps(d, head_scores[i], budget.head_mode) for i in layers}
+        heads = {
+            i: n * per_step for i, n in lowest_steps(steps, len(layers) * budget.heads // per_step).items()
+        }
+    neurons = dict.fromkeys(layers, 0)
+    if budget.neurons:
+        first = budget.neurons % multiple
+        steps = {i: neuron_steps(d, neuron_scores[i], first, multiple) for i in layers}
+        chunks = lowest_steps(steps, len(layers) * (budget.neurons // multiple))
+        neurons = {i: first + n * multiple for i, n in chunks.items()}
+    return {i: dataclasses.replace(budget, heads=heads[i], neurons=neurons[i]) for i in layers}
 
 
 # --------------------------------------------------------------------------- applying a structure
@@ -321,14 +466,16 @@ def _slice(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tens
 
 @torch.no_grad()
 def shrink_model(model: nn.Module, s: Structure) -> None:
-    """Remove the pruned units from the weight matrices and layers and rewrite ``model.config``."""
-    heads, kv, neurons = s.widths()
+    """Remove the pruned units from the weight matrices and layers and rewrite ``model.config``: the
+    standard width keys when every kept layer has the same widths, else the dense widths there and each
+    layer's own under ``sppx_layer_widths``."""
+    widths = s.layer_widths()
     d = s.dims
     layers = decoder_layers(model)
     if len(layers) != d.layers:
         raise ValueError(f"the structure is for {d.layers} layers, the model has {len(layers)}")
     kept_layers = s.layers_kept
-    for i in kept_layers:
+    for i, (heads, kv, neurons) in zip(kept_layers, widths, strict=True):
         attn, mlp = layers[i].self_attn, layers[i].mlp
         q_rows = head_columns(s.heads_of(i), d.head_dim)
         kv_rows = head_columns(s.kv_heads_of(i), d.head_dim)
@@ -345,16 +492,27 @@ def shrink_model(model: nn.Module, s: Structure) -> None:
     model.model.layers = nn.ModuleList([layers[i] for i in kept_layers])
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index
-    config = model.config
+    write_widths(model.config, s, widths)
+    complete_biases(model)
+
+
+def write_widths(config, s: Structure, widths: list[tuple[int, int, int]]) -> None:
+    """The pruned model's config: its layers, and its widths (standard keys, or per layer)."""
+    d, kept_layers = s.dims, s.layers_kept
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         config.layer_types = [layer_types[i] for i in kept_layers]
     config.num_hidden_layers = len(kept_layers)
+    config.head_dim = d.head_dim
+    uniform = s.uniform_widths()
+    heads, kv, neurons = uniform or (d.heads, d.kv_heads, d.intermediate)
     config.num_attention_heads = heads
     config.num_key_value_heads = kv
-    config.head_dim = d.head_dim
     config.intermediate_size = neurons
-    complete_biases(model)
+    if uniform is None:
+        setattr(config, LAYER_WIDTHS_KEY, [dict(zip(WIDTH_KEYS, w, strict=True)) for w in widths])
+    elif hasattr(config, LAYER_WIDTHS_KEY):
+        delattr(config, LAYER_WIDTHS_KEY)
 
 
 @torch.no_grad()
