@@ -1,7 +1,14 @@
 """Knowledge-distillation losses: softened-logit KL and per-layer hidden-state MSE.
 
-Both are exactly zero when the student's outputs equal the teacher's, and both are averaged over the
-tokens a ``token_mask`` selects (all tokens when it is None).
+Every loss is exactly zero when the student's outputs equal the teacher's and sees only the tokens a
+``token_mask`` selects (all tokens when it is None; padding is left out). Two normalisations:
+
+- per token: the KL averaged over tokens (:func:`logit_kl`), the relative hidden-state error averaged
+  over layers (:func:`hidden_mse`);
+- NutePrune's reference: the KL summed over tokens and vocabulary and divided by the number of
+  sequences (``F.kl_div(..., reduction="batchmean")`` on (batch, seq, vocab) logits; ``per="sequence"``),
+  and the absolute mean squared error over the non-zero entries of each layer's hidden state, summed
+  over layers (:func:`layer_mse_sum`).
 """
 
 from __future__ import annotations
@@ -58,11 +65,16 @@ def logit_kl(
     *,
     teacher_hidden: torch.Tensor | None = None,
     head: nn.Module | None = None,
+    per: str = "token",
 ) -> torch.Tensor:
     """KL(teacher || student) of the distributions softened by ``temperature``, times T^2 (so gradients
-    keep their scale across temperatures), averaged over tokens. Computed in fp32, ``chunk_rows`` tokens
-    at a time (see :class:`_SoftTargetKL`). The teacher is given by its logits, or by its last hidden
-    state and output ``head`` (then its logits never exist for all tokens at once)."""
+    keep their scale across temperatures), summed over the selected tokens and divided by their number
+    (``per="token"``) or by ``student_logits.shape[0]``, the number of sequences of (batch, seq, vocab)
+    logits (``per="sequence"``: ``F.kl_div``'s ``batchmean``). Computed in fp32, ``chunk_rows`` tokens at a time (see
+    :class:`_SoftTargetKL`). The teacher is given by its logits, or by its last hidden state and output
+    ``head`` (then its logits never exist for all tokens at once)."""
+    if per not in ("token", "sequence"):
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
     s = _selected(student_logits, token_mask)
     if teacher_logits is not None:
         t = _selected(teacher_logits, token_mask).detach()
@@ -79,7 +91,8 @@ def logit_kl(
                 return head(h[rows])
 
     kl = _SoftTargetKL.apply(s, teacher_rows, float(temperature), chunk_rows)
-    return kl * temperature**2 / max(s.shape[0], 1)
+    divisor = s.shape[0] if per == "token" else student_logits.shape[0]
+    return kl * temperature**2 / max(divisor, 1)
 
 
 def hidden_mse(
@@ -97,3 +110,24 @@ def hidden_mse(
         s, t = _selected(hs, token_mask).float(), _selected(ht, token_mask).float()
         terms.append(F.mse_loss(s, t, reduction="sum") / t.pow(2).sum().clamp(min=1e-12))
     return torch.stack(terms).mean()
+
+
+def layer_mse_sum(
+    student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NutePrune's layer loss: per layer (the embeddings' output skipped), the mean of (h_s - h_t)^2 over
+    the entries where the student's hidden state is non-zero (the selected tokens only), summed over the
+    layers. Absolute, in fp32."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
+    total = None
+    for hs, ht in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
+        s, t = _selected(hs, token_mask).float(), _selected(ht, token_mask).float()
+        kept = s != 0
+        term = (s[kept] - t[kept]).pow(2).mean() if kept.any() else s.sum() * 0.0
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no decoder layer's hidden state to distil")
+    return total

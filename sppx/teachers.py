@@ -11,7 +11,12 @@ stay dense and the student's forward applies the masks, so
   about ``teacher_gap`` behind the student (the intact model until one exists); once the target is
   reached, teachers walk back to the intact model. The snapshots hold adapter tensors only.
 
-The loss is ``lm_weight * LM cross-entropy + kl_weight * KL(T) + hidden_weight * hidden-state MSE``.
+The loss is ``lm_weight * LM cross-entropy + kl_weight * KL(T) + hidden_weight * hidden-state MSE``,
+with one of two normalisations (``normalisation``, :mod:`sppx.distill`): ``token`` (the KL averaged over
+tokens, the relative hidden-state error averaged over layers; ``teacher=dense``) or ``reference``
+(NutePrune's: the KL summed over tokens and divided by the number of sequences, the absolute MSE over
+each layer's non-zero hidden entries summed over layers; ``teacher=numerous``). NutePrune's 0.1 / 0.9
+weights mean what they mean in the paper only with the reference normalisation.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sppx.distill import hidden_mse, logit_kl
-from sppx.errors import is_number, require
+from sppx.distill import hidden_mse, layer_mse_sum, logit_kl
+from sppx.errors import RunError, is_number, require
 from sppx.masking import MAX_STEPS, StudentMasks
 
 
@@ -39,6 +44,9 @@ class TeacherPass:
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
         return self.head(self.last_hidden)
+
+
+NORMALISATIONS = ("reference", "token")
 
 
 @dataclass
@@ -89,6 +97,7 @@ class Distiller(NoTeacher):
     kl_weight: float = 1.0
     hidden_weight: float = 0.0
     temperature: float = 1.0
+    normalisation: str = "token"  # token | reference (NutePrune's batchmean KL and summed layer MSE)
 
     needs_dense = True
 
@@ -110,6 +119,12 @@ class Distiller(NoTeacher):
             self.temperature,
             "must be a number > 0",
         )
+        require(
+            self.normalisation in NORMALISATIONS,
+            "teacher.normalisation",
+            self.normalisation,
+            f"allowed: {', '.join(NORMALISATIONS)}",
+        )
         self.model = self.masks = self.adapter = None
 
     @property
@@ -120,9 +135,11 @@ class Distiller(NoTeacher):
         self.model, self.masks, self.adapter = model, masks, adapter
 
     @torch.no_grad()
-    def _forward(self, model: nn.Module, input_ids, attention_mask) -> TeacherPass:
-        """The decoder only: the logits are made from the last hidden state a chunk of tokens at a time
-        inside the KL (a full tokens x vocabulary tensor of teacher logits never exists)."""
+    def decoder_outputs(self, model: nn.Module, input_ids, attention_mask) -> TeacherPass:
+        """A teacher pass of ``model`` as it is set up now (masks, gates, adapter state): the decoder
+        only, in eval mode, without gradient. The logits are made from the last hidden state a chunk of
+        tokens at a time inside the KL (a full tokens x vocabulary tensor of teacher logits never
+        exists)."""
         was_training = model.training
         model.eval()  # no dropout in a teacher
         try:
@@ -139,9 +156,12 @@ class Distiller(NoTeacher):
     def intact_outputs(self, model: nn.Module, input_ids, attention_mask=None):
         """The unpruned, unadapted model's outputs: masks and adapter off."""
         with self.masks.dense(), self.adapter.disabled(model):
-            return self._forward(model, input_ids, attention_mask)
+            return self.decoder_outputs(model, input_ids, attention_mask)
 
-    def loss(self, student, teacher, lm_loss, token_mask):
+    def distillation(self, student, teacher: TeacherPass, lm_loss, token_mask):
+        """``lm_weight * lm_loss + kl_weight * KL + hidden_weight * hidden term`` under
+        ``normalisation``, and the terms to log (``kd_kl``, ``kd_hidden``)."""
+        reference = self.normalisation == "reference"
         total = self.lm_weight * lm_loss
         extra: dict[str, torch.Tensor] = {}
         if self.kl_weight > 0:
@@ -151,12 +171,17 @@ class Distiller(NoTeacher):
                 token_mask=token_mask,
                 teacher_hidden=teacher.last_hidden,
                 head=teacher.head,
+                per="sequence" if reference else "token",
             )
             total = total + self.kl_weight * extra["kd_kl"]
         if self.hidden_weight > 0:
-            extra["kd_hidden"] = hidden_mse(student.hidden_states, teacher.hidden_states, token_mask)
+            hidden_term = layer_mse_sum if reference else hidden_mse
+            extra["kd_hidden"] = hidden_term(student.hidden_states, teacher.hidden_states, token_mask)
             total = total + self.hidden_weight * extra["kd_hidden"]
         return total, extra
+
+    def loss(self, student, teacher, lm_loss, token_mask):
+        return self.distillation(student, teacher, lm_loss, token_mask)
 
 
 @dataclass
@@ -231,6 +256,7 @@ class NumerousTeacher(Distiller):
     warmup: float = 0.5  # fraction of the optimizer steps over which the sparsity ramps to the target
     snapshot_every: float = 0.01  # sparsity between two mask steps (a snapshot at each)
     teacher_gap: float = 0.1  # how far (in sparsity) the teacher trails the student while ramping
+    normalisation: str = "reference"  # NutePrune's loss normalisation (see sppx.distill)
 
     name = "numerous"
     nested = True
@@ -297,8 +323,16 @@ class NumerousTeacher(Distiller):
         return NumerousSchedule(total_steps, levels, start_level, math.ceil(self.warmup * total_steps), gap)
 
     def begin(self, total_steps: int) -> None:
+        """Plan the schedule; a RunError when no snapshot would ever teach (the student never gets
+        ``teacher_gap`` ahead of a snapshot within ``total_steps``)."""
         self.schedule = self.start_schedule(total_steps)
         self._last_use = self.schedule.last_use()
+        if not self._last_use:
+            raise RunError(
+                f"teacher=numerous: no snapshot would teach in {total_steps} tuning steps (every teacher "
+                f"would be the intact model); raise trainer.max_steps or lower teacher.teacher_gap "
+                f"({self.teacher_gap:g}), or use teacher=dense"
+            )
         self.masks.set_level(self.schedule.student_level(0))
 
     def level_sparsity(self, level: int) -> float:
@@ -353,7 +387,7 @@ class NumerousTeacher(Distiller):
         if self._teacher is None:
             return self.intact_outputs(model, input_ids, attention_mask)
         with self.masks.at_level(self._teacher), self.adapter.swapped(model, self._snapshots[self._teacher]):
-            return self._forward(model, input_ids, attention_mask)
+            return self.decoder_outputs(model, input_ids, attention_mask)
 
     def state_dict(self) -> dict:
         return {
@@ -380,6 +414,7 @@ class NumerousTeacher(Distiller):
             "strategy": self.name,
             "mask_steps": self.masks.steps if self.masks else None,
             "snapshots_used": len(self._last_use),
+            "snapshot_stages": sum(1 for segment in self._segments if segment["teacher"] == "snapshot"),
             "snapshots_held_max": self._held_max,
             "snapshot_mib": round(self._snapshot_bytes / 2**20, 2),
             "schedule": self._segments,

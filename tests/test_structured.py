@@ -117,10 +117,13 @@ def test_uneven_heads_per_group_are_refused():
     # Group 0 keeps 2 heads, group 1 keeps 3 (in every layer).
     s = Structure(d, heads={i: [0, 1, 3, 4, 5] for i in range(d.layers)})
     with pytest.raises(ValueError, match="same number"):
-        s.widths()
-    s = Structure(d, neurons={0: list(range(10))})  # layer 0 narrower than the others
+        s.layer_widths()
+    s = Structure(d, neurons={0: list(range(10))})  # layer 0 narrower than the others: per-layer widths
+    assert s.layer_widths() == [(6, 2, 10), (6, 2, 96), (6, 2, 96), (6, 2, 96)]
+    assert s.uniform_widths() is None
     with pytest.raises(ValueError, match="widths differ"):
-        s.widths()
+        s.widths()  # no single (heads, K/V heads, neurons) describes it
+    assert Structure(d, neurons={i: list(range(10)) for i in range(4)}).widths() == (6, 2, 10)
 
 
 def test_exported_model_reloads_with_plain_transformers(tmp_path):
@@ -243,15 +246,15 @@ def test_comp_mask_tuning_lowers_each_layers_calibration_error(units, mode):
     s = pruner.select(model, budget, StructuredContext(calibration=calibration(model), progress=False))
     fits = pruner.report["mask_tuning"]["layers"]
     assert len(fits) == len(units) * d.layers
-    assert all(f["error_after"] <= f["error_before"] for f in fits)
-    assert any(f["error_after"] < f["error_before"] for f in fits)
+    assert all(f["fit_error_after"] <= f["fit_error_before"] for f in fits)
+    assert any(f["fit_error_after"] < f["fit_error_before"] for f in fits)
     untuned = COMPPruner(units=units, neuron_multiple=8, mask_tuning="none")
     s2 = untuned.select(
         tiny_model(), budget, StructuredContext(calibration=calibration(model), progress=False)
     )
     # Layer 0 sees the same inputs either way: tuning changes its scales, not its choice.
     assert s2.neurons[0] == s.neurons[0]
-    assert s.widths()[2] == d.intermediate - budget.neurons
+    assert s.uniform_widths()[2] == d.intermediate - budget.neurons
 
 
 def test_block_influence_ranks_an_identity_layer_lowest():
@@ -379,6 +382,14 @@ def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
         ({"pruner": "comp", "pruner.layer_share": 1.5}, "pruner.layer_share"),
         ({"pruner": "comp", "pruner.mask_tuning": "maybe"}, "pruner.mask_tuning"),
         ({"pruner": "nuteprune", "pruner.head_mode": "group"}, "pruner.head_mode"),
+        ({"pruner": "shortgpt", "pruner.units": "[neurons]"}, "pruner.units"),
+        ({"pruner": "shortgpt", "pruner.units": "[layers,heads]"}, "pruner.units"),
+        ({"pruner": "llm_pruner", "pruner.layer_range": "middle"}, "pruner.layer_range"),
+        ({"pruner": "llm_pruner", "pruner.layer_range": "[2,1]"}, "pruner.layer_range"),
+        ({"pruner": "magnitude_structured", "pruner.layer_range": "[0,9]"}, "pruner.layer_range"),
+        ({"pruner": "flap", "pruner.allocation": "owl"}, "pruner.allocation"),
+        ({"pruner": "flap", "pruner.layer_share": -0.1}, "pruner.layer_share"),
+        ({"pruner": "comp", "pruner.holdout": 1.0}, "pruner.holdout"),
         # 32 divides every dense width of the tiny model but not the 72 neurons left at 30%.
         ({"pruner": "comp", "sparsity": 0.3, "adapter": "spp", "adapter.rows": 32}, "adapter.rows"),
     ],
@@ -401,10 +412,16 @@ def test_nuteprune_run_learns_masks_then_exports_a_smaller_model(tmp_path, text_
         teacher=teacher,
         **{"pruner.steps": 6, "pruner.batch_size": 2},
     )
+    if teacher == "numerous":
+        # Fast gates and coarse snapshots, so that a snapshot teaches within a few steps.
+        overrides += ["pruner.steps=12", "pruner.lambda_lr=100", "pruner.mask_lr=2"]
+        overrides += ["teacher.snapshot_every=0.02", "teacher.teacher_gap=0.02"]
     results = run(compose_config(overrides, tmp_path), progress=False)
     structure = results["prune"]["structure"]
     assert results["teacher"]["strategy"] == teacher
     assert len(results["teacher"]["schedule"]) >= 1
+    if teacher == "numerous":
+        assert results["teacher"]["snapshot_steps"] > 0
     assert results["sparsity"]["measured"] == pytest.approx(structure["sparsity"], abs=1e-6)
     assert abs(structure["sparsity"] - 0.25) <= 0.02
     assert "mask learning" in results["prune"]["phases_s"]

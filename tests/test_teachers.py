@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sppx.adapters import SPPAdapter
-from sppx.distill import hidden_mse, logit_kl
-from sppx.errors import ConfigError
+from sppx.distill import hidden_mse, layer_mse_sum, logit_kl
+from sppx.errors import ConfigError, RunError
 from sppx.masking import StudentMasks
 from sppx.pipeline import plan, run
 from sppx.pruning import MagnitudePruner, SparsityPattern, prune_model
 from sppx.pruning.sequential import DenseKeeper
 from sppx.summary import summary_table
-from sppx.teachers import DenseTeacher, NumerousSchedule, NumerousTeacher
+from sppx.teachers import DenseTeacher, NumerousSchedule, NumerousTeacher, TeacherPass
 from tests.conftest import compose_config, parameter_storages, tiny_run_overrides
 
 UNSTRUCTURED = SparsityPattern("unstructured")
@@ -66,6 +66,81 @@ def test_logit_kl_matches_its_definition_and_respects_the_token_mask():
     per_token = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1)
     expected = per_token[mask.bool()].mean() * T**2
     torch.testing.assert_close(logit_kl(s, t, T, mask), expected)
+
+
+def test_reference_kl_is_batchmean_kl_div_times_t_squared():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 7, 13, generator=gen, requires_grad=True)
+    t = torch.randn(3, 7, 13, generator=gen)
+    T = 2 / 3
+    s_ref = s.detach().clone().requires_grad_(True)
+    by_hand = F.kl_div(F.log_softmax(s_ref / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
+    loss = logit_kl(s, t, T, chunk_rows=5, per="sequence")  # 21 rows in chunks of 5
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    by_hand.backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    # Summed over the tokens and divided by the sequences: 7 tokens each, so 7x the per-token mean.
+    torch.testing.assert_close(loss.detach(), 7 * logit_kl(s.detach(), t, T))
+    # Padding stays out: the sum runs over the selected tokens, the divisor is still the sequences.
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    p_t = F.softmax(t / T, -1)
+    per_token = (p_t * (F.log_softmax(t / T, -1) - F.log_softmax(s.detach() / T, -1))).sum(-1)
+    expected = per_token[mask.bool()].sum() / 3 * T**2
+    torch.testing.assert_close(logit_kl(s.detach(), t, T, mask, per="sequence"), expected)
+    with pytest.raises(ValueError, match="per must be"):
+        logit_kl(s, t, T, per="batch")
+
+
+def test_reference_hidden_term_is_the_per_layer_mean_over_non_zero_entries_summed():
+    gen = torch.Generator().manual_seed(2)
+    student = [torch.randn(2, 5, 8, generator=gen) for _ in range(4)]
+    teacher = [torch.randn(2, 5, 8, generator=gen) * 3 for _ in range(4)]
+    student[2][:, :, :3] = 0.0  # e.g. dimensions a mask zeroed: left out of that layer's mean
+    by_hand = sum(
+        torch.nn.MSELoss(reduction="mean")(t[s != 0], s[s != 0])
+        for s, t in zip(student[1:], teacher[1:], strict=True)
+    )
+    torch.testing.assert_close(layer_mse_sum(student, teacher), by_hand)
+    assert layer_mse_sum(student, [h.clone() for h in student]).item() == 0.0
+    # Absolute: scaling both by 10 scales it by 100 (the relative term would not change).
+    scaled = layer_mse_sum([h * 10 for h in student], [h * 10 for h in teacher])
+    torch.testing.assert_close(scaled, 100 * by_hand)
+    # With a token mask only the selected tokens count.
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    sel = mask.bool()
+    masked = sum(
+        F.mse_loss(s[sel][s[sel] != 0], t[sel][s[sel] != 0])
+        for s, t in zip(student[1:], teacher[1:], strict=True)
+    )
+    torch.testing.assert_close(layer_mse_sum(student, teacher, mask), masked)
+
+
+def test_distillers_choose_the_normalisation():
+    gen = torch.Generator().manual_seed(3)
+    head = nn.Linear(8, 11, bias=False)
+    hidden_t = [torch.randn(2, 4, 8, generator=gen) for _ in range(3)]
+    hidden_s = [h + 0.3 * torch.randn(2, 4, 8, generator=gen) for h in hidden_t]
+    with torch.no_grad():
+        student = type("Out", (), {"logits": head(hidden_s[-1]), "hidden_states": tuple(hidden_s)})()
+    teacher = TeacherPass(hidden_t[-1], tuple(hidden_t), head)
+    lm = torch.tensor(2.0)
+    numerous = NumerousTeacher(lm_weight=0.0, kl_weight=0.1, hidden_weight=0.9, temperature=2 / 3)
+    assert numerous.normalisation == "reference" and DenseTeacher().normalisation == "token"
+    total, extra = numerous.distillation(student, teacher, lm, None)
+    kl = logit_kl(student.logits, teacher.logits(), 2 / 3, per="sequence")
+    torch.testing.assert_close(extra["kd_kl"], kl)
+    torch.testing.assert_close(extra["kd_hidden"], layer_mse_sum(hidden_s, hidden_t))
+    torch.testing.assert_close(total, 0.1 * kl + 0.9 * layer_mse_sum(hidden_s, hidden_t))
+    token = DenseTeacher(lm_weight=1.0, kl_weight=0.1, hidden_weight=0.9, temperature=2 / 3)
+    total, extra = token.distillation(student, teacher, lm, None)
+    torch.testing.assert_close(extra["kd_kl"], logit_kl(student.logits, teacher.logits(), 2 / 3))
+    torch.testing.assert_close(extra["kd_hidden"], hidden_mse(hidden_s, hidden_t))
+    with pytest.raises(ConfigError) as err:
+        DenseTeacher(normalisation="sum")
+    assert err.value.key == "teacher.normalisation"
 
 
 def test_dense_teacher_loss_is_zero_at_the_start_when_nothing_is_pruned(tiny):
@@ -166,6 +241,17 @@ def test_numerous_teacher_snapshots_follow_the_student(tiny):
         assert torch.equal(keep, masks[name])
 
 
+def test_numerous_teacher_fails_when_no_snapshot_would_teach(tiny):
+    model, _ = tiny
+    students, adapter, _ = adapted_student(model, steps=5)
+    teacher = NumerousTeacher(snapshot_every=0.1, teacher_gap=0.2, warmup=0.5)
+    teacher.bind(model, students, adapter, 0.5)
+    with pytest.raises(RunError, match=r"^teacher=numerous: no snapshot would teach in 2 tuning steps"):
+        teacher.begin(2)  # mask step 0, then the target: nothing 2 steps behind before the walk back
+    teacher.begin(10)
+    assert teacher.schedule.last_use()
+
+
 # --------------------------------------------------------------------------- config checks and runs
 @pytest.mark.parametrize(
     ("overrides", "key"),
@@ -201,6 +287,11 @@ def test_numerous_run_keeps_every_zero_and_records_its_teachers(tmp_path, text_f
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["teacher"]["strategy"] == "numerous"
     assert f"{results['teacher']['snapshots_used']} snapshots taught" in summary_table(results).caption
+    assert (
+        results["teacher"]["snapshot_stages"]
+        == sum(1 for seg in schedule if seg["teacher"] == "snapshot")
+        >= 1
+    )
 
 
 def test_dense_teacher_run_keeps_every_zero(tmp_path, text_file):

@@ -7,8 +7,11 @@ A gate z in [0, 1] is a stretched and clipped binary-concrete sample driven by o
 
 The stretch (gamma < 0 < 1 < zeta) puts probability mass on exactly 0 and exactly 1, and
 P(z > 0) = 1 - sigmoid(beta log(-gamma / zeta) - log_alpha) is differentiable in ``log_alpha``: it is
-what an expected-size penalty is made of. Once learning is over the gates become a deterministic 0/1
-mask: the units with the lowest ``log_alpha`` go.
+what an expected-size penalty is made of. NutePrune's reference starts the gates open and clamps
+``log_alpha`` to [log 1e-2, log 1e2] after every optimizer step (:meth:`HardConcrete.constrain`). Its
+deterministic gates close, per row (a layer), the rounded expected number of closed gates, lowest
+``log_alpha`` first, and give the others the soft value sigmoid(0.8 log_alpha / beta)
+(:meth:`HardConcrete.deterministic_rows`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ GAMMA = -0.1  # lower end of the stretched interval
 ZETA = 1.1  # upper end of the stretched interval
 BETA = 2.0 / 3.0  # temperature of the binary concrete
 EPS = 1e-6  # u is drawn from U(EPS, 1 - EPS) so that log u and log(1 - u) stay finite
+LOG_ALPHA_MIN = math.log(1e-2)  # log_alpha is clamped to [LOG_ALPHA_MIN, LOG_ALPHA_MAX] after each step
+LOG_ALPHA_MAX = math.log(1e2)
+SOFT_SLOPE = 0.8  # a kept deterministic gate is sigmoid(SOFT_SLOPE * log_alpha / beta)
 
 
 def keep_probability(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA):
@@ -43,6 +49,12 @@ def log_alpha_for(droprate: float) -> float:
     return math.log(1.0 - droprate) - math.log(droprate)
 
 
+def soft_gate(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """The value of a kept deterministic gate: sigmoid(0.8 log_alpha / beta) (about E[z]: 0.5 at
+    log_alpha 0, 0.996 at the upper clamp)."""
+    return torch.sigmoid(SOFT_SLOPE * log_alpha / beta)
+
+
 def lowest_zeroed(scores: torch.Tensor, zeros: int) -> torch.Tensor:
     """A 0/1 float mask shaped like ``scores``: the ``zeros`` lowest scores (over all entries, ties to the
     lower flat index) get 0, the others 1."""
@@ -57,8 +69,9 @@ def lowest_zeroed(scores: torch.Tensor, zeros: int) -> torch.Tensor:
 class HardConcrete(nn.Module):
     """A tensor of hard-concrete gates (``shape``: e.g. layers x heads), one ``log_alpha`` each.
 
-    ``log_alpha`` starts at :func:`log_alpha_for` (``droprate_init``) plus Gaussian noise of std
-    ``init_std`` (breaks ties between otherwise identical gates; ``generator`` makes it reproducible)."""
+    ``log_alpha`` starts at ``log_alpha_init``, or :func:`log_alpha_for` (``droprate_init``) when it is
+    None, plus Gaussian noise of std ``init_std`` (breaks ties between otherwise identical gates;
+    ``generator`` makes it reproducible)."""
 
     def __init__(
         self,
@@ -66,13 +79,20 @@ class HardConcrete(nn.Module):
         droprate_init: float = 0.5,
         init_std: float = 0.01,
         generator: torch.Generator | None = None,
+        log_alpha_init: float | None = None,
     ):
         super().__init__()
         if not 0 < droprate_init < 1:
             raise ValueError(f"droprate_init must be in (0, 1), got {droprate_init}")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        init = log_alpha_for(droprate_init) + init_std * torch.randn(shape, generator=generator)
+        mean = log_alpha_for(droprate_init) if log_alpha_init is None else float(log_alpha_init)
+        init = mean + init_std * torch.randn(shape, generator=generator)
         self.log_alpha = nn.Parameter(init)
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clamp ``log_alpha`` to [log 1e-2, log 1e2] (after every optimizer step)."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def sample(self, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
         """Training gates: a fresh sample (differentiable in ``log_alpha``), or the one fixed by ``u``."""
@@ -101,3 +121,14 @@ class HardConcrete(nn.Module):
         if zeros is None:
             zeros = round(float(self.expected_zeros()))
         return lowest_zeroed(self.log_alpha, zeros).to(self.log_alpha.device)
+
+    @torch.no_grad()
+    def deterministic_rows(self, soft: bool = True) -> torch.Tensor:
+        """Per row (the last dimension's gates of one layer) the rounded expected number of closed gates
+        get 0, lowest ``log_alpha`` first; the others 1, or with ``soft`` :func:`soft_gate`."""
+        la = self.log_alpha.detach()
+        rows = la.reshape(-1, la.shape[-1])
+        zeros = (rows.shape[1] - keep_probability(rows).sum(dim=1)).round().long().tolist()
+        kept = soft_gate(rows) if soft else torch.ones_like(rows)
+        mask = torch.stack([lowest_zeroed(row, k) for row, k in zip(rows, zeros, strict=True)])
+        return (kept * mask.to(kept)).reshape(la.shape)

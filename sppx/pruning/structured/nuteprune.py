@@ -1,40 +1,35 @@
 """NutePrune (Li et al. 2024): structured pruning by learned hard-concrete masks, distilled from
-numerous teachers that are all the one model in memory.
+numerous teachers that are all the one model in memory. ``docs/nuteprune.md`` has the method as
+implemented, its options, a measured run and every deviation from the paper and its reference code.
 
 Mask learning. Every attention head (query head; with GQA the K/V heads are kept) and every FFN neuron
-of every layer gets a hard-concrete gate (:mod:`~sppx.pruning.structured.hard_concrete`), applied by
-forward pre-hooks that multiply the inputs of o_proj (``head_dim`` consecutive columns per head) and
-down_proj (one column per neuron). The base weights are frozen; LoRA (rank 8 on q_proj and v_proj by
-default) trains with the gates. The expected sparsity s_hat = 1 - E[kept prunable params] / total comes
-from the gates' keep probabilities P(z > 0); it is tied to the target t = t_final min(1, step / warmup)
-by the Lagrangian l1 (s_hat - t) + l2 (s_hat - t)^2, whose multipliers l1, l2 are trained by gradient
-ascent (an AdamW group with ``maximize=True``). The loss is the teacher loss plus the Lagrangian:
+of every layer gets a hard-concrete gate (:mod:`~sppx.pruning.structured.hard_concrete`). A head's gate
+multiplies its ``head_dim`` input columns of o_proj (a forward pre-hook); a neuron's gate multiplies
+its outputs of gate_proj and of up_proj (forward hooks: act(z g) * (z u), as the reference). The gates
+start open (head ``log_alpha`` 10, neuron drop rate 0.01: ``log_alpha`` 4.6) and ``log_alpha`` is
+clamped to [log 1e-2, log 1e2] after every optimizer step. The base weights are frozen; LoRA (rank 8,
+alpha 8 on q_proj and v_proj) trains with the gates, its lr decaying linearly to 0 and its gradient
+norm clipped at 1. The expected sparsity s_hat = 1 - E[kept prunable params] / total comes from the
+keep probabilities P(z > 0); it is tied to the target t = t_final min(1, step / warmup) by the
+Lagrangian l1 (s_hat - t) + l2 (s_hat - t)^2, whose multipliers are trained by gradient ascent (an AdamW
+group with ``maximize=True``; at ``lambda_lr`` 3e4 by default, where the reference's 0.1 would need
+thousands of steps to balance the distillation loss). The loss is the teacher loss plus the Lagrangian:
 
 - ``teacher=none``: LM cross-entropy;
-- ``teacher=dense``: the intact model (gates off, LoRA off) at every step, with the teacher's weights;
-- ``teacher=numerous``: NutePrune's progressive teachers. While the target ramps, a snapshot (the
-  deterministic 0/1 gates and a copy of the LoRA tensors, nothing else) is taken each time s_hat climbs
-  across another multiple of ``snapshot_every``; the teacher is the snapshot about ``teacher_gap``
-  sparsity behind the student (the intact model until one exists). After the ramp the teacher walks
-  back linearly to the intact model, which teaches the last step. A teacher pass is the student's own
+- ``teacher=dense``: the intact model (gates off, LoRA off) at every step;
+- ``teacher=numerous``: NutePrune's progressive teachers (:class:`TeacherSchedule`). A snapshot (the
+  reference's deterministic gates and a copy of the LoRA tensors, nothing else) is recorded each time
+  s_hat reaches the next multiple of ``snapshot_every``; the teacher is the snapshot ``teacher_gap /
+  snapshot_every`` records back (the intact model before there are that many); once every multiple
+  below the target is recorded and s_hat reaches the target, the teacher walks back through the
+  snapshots to the intact model as the remaining steps run out. A teacher pass is the student's own
   modules under the snapshot's gates and LoRA tensors (swapped in and back): no copy of the weights.
 
 Final structure. Per layer the lowest-``log_alpha`` heads (the same number in every K/V group) and
 neurons go, as many as :func:`~sppx.pruning.structured.units.allocate` gives, so every layer keeps the
-same widths and a standard config describes the pruned model. (NutePrune's reference instead closes
-the rounded expected number of gates over all layers at once and exports same-shape weights.) The LoRA
-is merged into the base weights and every hook and wrapper is removed; the pipeline then removes the
-pruned units physically.
-
-Other adaptations: log_alpha starts at CoFi's ``droprate_init`` value (0.5: log_alpha = 0, keep
-probability 0.83, so s_hat starts near 0.15); by default (``ramp_from_init``) the target ramps from
-that initial s_hat instead of from 0, where the Lagrangian would first spend steps pulling s_hat down
-(SmolLM2-135M at 20%, 40 steps: pruned ppl 337 ramping from s_hat, 2422 ramping from 0);
-snapshots are taken on upward crossings during the ramp only (a level crossed again replaces its
-snapshot); the teacher's ``start`` and ``warmup`` (nested one-shot masks) do not apply here: the
-pruner's ``warmup`` sets the ramp. With AdamW at lr 0.1 on both the gates and the multipliers the
-constraint oscillates for a while (about 150 steps on a tiny model) before it settles: in shorter runs
-s_hat ends off the target, and the final structure still removes exactly the budget's units.
+same widths and a standard config describes the pruned model. The LoRA is merged, the kept units are
+scaled by their deterministic gate values (``fold_gates``, as the reference's export), every hook and
+wrapper is removed; the pipeline then removes the pruned units physically.
 """
 
 from __future__ import annotations
@@ -51,12 +46,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.adapters.lora import LoRAAdapter
-from sppx.errors import is_int, is_number, require, require_fraction, require_positive_int
+from sppx.errors import RunError, is_int, is_number, require, require_fraction, require_positive_int
 from sppx.evaluate import next_token_nll
 from sppx.pruning.base import PROJECTIONS
 from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured.base import StructuredContext, StructuredPruner
-from sppx.pruning.structured.hard_concrete import HardConcrete
+from sppx.pruning.structured.hard_concrete import HardConcrete, soft_gate
 from sppx.pruning.structured.units import (
     Budget,
     Dims,
@@ -69,8 +64,10 @@ from sppx.teachers import Distiller
 
 TEACHERS = ("none", "dense", "numerous")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-# The gate tensors: layers x query heads (on o_proj's inputs) and layers x neurons (on down_proj's).
+# The gate tensors: layers x query heads (on o_proj's inputs) and layers x neurons (on gate_proj's and
+# up_proj's outputs).
 GATE_KINDS = ("heads", "neurons")
+MAX_LORA_GRAD_NORM = 1.0  # the reference's gradient clipping (the model's parameters, i.e. LoRA)
 
 
 # --------------------------------------------------------------------------- the sparsity constraint
@@ -88,11 +85,11 @@ def expected_sparsity(d: Dims, heads: torch.Tensor | None, neurons: torch.Tensor
     return 1.0 - kept_params(d, heads, neurons) / d.total
 
 
-def target_at(step: int, final: float, warmup_steps: int, start: float = 0.0) -> float:
-    """The target sparsity at ``step``: linear from ``start`` to ``final`` over ``warmup_steps``."""
+def target_at(step: int, final: float, warmup_steps: int) -> float:
+    """The target sparsity at ``step``: linear from 0 to ``final`` over ``warmup_steps``."""
     if warmup_steps <= 0:
         return final
-    return start + (final - start) * min(1.0, step / warmup_steps)
+    return final * min(1.0, step / warmup_steps)
 
 
 def lagrangian(s_hat: torch.Tensor, target: float, lambda1: torch.Tensor, lambda2: torch.Tensor):
@@ -103,38 +100,54 @@ def lagrangian(s_hat: torch.Tensor, target: float, lambda1: torch.Tensor, lambda
 
 # --------------------------------------------------------------------------- gates in the forward
 class GateHook:
-    """A forward pre-hook multiplying a Linear's input by one layer's gates (each repeated ``width``
-    times: ``head_dim`` columns per head); it does nothing while the gates are off."""
+    """Multiplies a Linear's input (:meth:`before`, a forward pre-hook) or output (:meth:`after`, a
+    forward hook) by one layer's gates, each repeated ``width`` times (``head_dim`` columns per head);
+    it does nothing while the gates are off."""
 
     def __init__(self, gates: UnitGates, kind: str, layer: int, width: int):
         self.gates, self.kind, self.layer, self.width = gates, kind, layer, width
 
-    def __call__(self, module: nn.Module, args: tuple):
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
         current = self.gates.current
         if current is None or self.kind not in current:
             return None
         z = current[self.kind][self.layer]
         if self.width > 1:
             z = z.repeat_interleave(self.width)
-        x = args[0]
-        return (x * z.to(x.dtype), *args[1:])
+        return x * z.to(x.dtype)
+
+    def before(self, module: nn.Module, args: tuple):
+        x = self.gated(args[0])
+        return None if x is None else (x, *args[1:])
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        return self.gated(output)
 
 
 class UnitGates(nn.Module):
     """Hard-concrete gates of the chosen units of every layer and the hooks that apply them.
 
     ``current`` is what the hooks multiply by: ``{kind: layers x units}`` tensors (sampled gates, a
-    snapshot's 0/1 gates) or None (gates off: the unmasked model)."""
+    snapshot's deterministic gates) or None (gates off: the unmasked model). Heads start at
+    ``head_log_alpha``, neurons at the ``log_alpha`` of drop rate ``droprate_init``."""
 
     def __init__(
-        self, d: Dims, units: list[str], droprate_init: float, generator: torch.Generator | None = None
+        self,
+        d: Dims,
+        units: list[str],
+        droprate_init: float,
+        head_log_alpha: float | None = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.d = d
         widths = {"heads": d.heads, "neurons": d.intermediate}
+        starts = {"heads": head_log_alpha, "neurons": None}
         self.kinds = nn.ModuleDict(
             {
-                kind: HardConcrete((d.layers, widths[kind]), droprate_init, generator=generator)
+                kind: HardConcrete(
+                    (d.layers, widths[kind]), droprate_init, generator=generator, log_alpha_init=starts[kind]
+                )
                 for kind in GATE_KINDS
                 if kind in units
             }
@@ -143,14 +156,15 @@ class UnitGates(nn.Module):
         self._handles: list = []
 
     def attach(self, model: nn.Module) -> None:
-        """Hook the gates into o_proj (heads) and down_proj (neurons) of every layer."""
+        """Hook the gates into o_proj's inputs (heads) and gate_proj's and up_proj's outputs (neurons)."""
         for i, layer in enumerate(decoder_layers(model)):
             if "heads" in self.kinds:
                 hook = GateHook(self, "heads", i, self.d.head_dim)
-                self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+                self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook.before))
             if "neurons" in self.kinds:
                 hook = GateHook(self, "neurons", i, 1)
-                self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
+                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    self._handles.append(linear.register_forward_hook(hook.after))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -176,8 +190,15 @@ class UnitGates(nn.Module):
 
     @torch.no_grad()
     def deterministic(self) -> dict[str, torch.Tensor]:
-        """0/1 gates: per kind, the rounded expected number of closed gates, lowest ``log_alpha`` first."""
-        return {kind: gate.deterministic() for kind, gate in self.kinds.items()}
+        """The reference's deterministic gates: per layer and kind the rounded expected number of closed
+        gates, lowest ``log_alpha`` first; the others sigmoid(0.8 log_alpha / beta)."""
+        return {kind: gate.deterministic_rows(soft=True) for kind, gate in self.kinds.items()}
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clamp every ``log_alpha`` to [log 1e-2, log 1e2] (after each optimizer step)."""
+        for gate in self.kinds.values():
+            gate.constrain()
 
     def expected_sparsity(self) -> torch.Tensor:
         """s_hat from the keep probabilities (differentiable)."""
@@ -185,8 +206,9 @@ class UnitGates(nn.Module):
         return expected_sparsity(self.d, keep.get("heads"), keep.get("neurons"))
 
     def sparsity_of(self, z: dict[str, torch.Tensor]) -> float:
-        """The sparsity of 0/1 gates."""
-        return float(expected_sparsity(self.d, z.get("heads"), z.get("neurons")))
+        """The sparsity of deterministic gates (a unit counts as kept when its gate is not 0)."""
+        kept = {kind: (t != 0).float() for kind, t in z.items()}
+        return float(expected_sparsity(self.d, kept.get("heads"), kept.get("neurons")))
 
     @torch.no_grad()
     def structure(self, budget: Budget) -> Structure:
@@ -201,16 +223,33 @@ class UnitGates(nn.Module):
                 s.neurons[i] = keep_all_but(d.intermediate, gone)
         return s
 
+    @torch.no_grad()
+    def fold(self, model: nn.Module) -> None:
+        """Scale every unit by its soft deterministic value sigmoid(0.8 log_alpha / beta), as the
+        reference's export does: a head's o_proj columns, a neuron's gate_proj and up_proj rows (and
+        biases). Exactly what the hooks would do with those values; the pruned units are cut later."""
+        for i, layer in enumerate(decoder_layers(model)):
+            if "heads" in self.kinds:
+                o_proj = layer.self_attn.o_proj
+                scale = soft_gate(self.kinds["heads"].log_alpha[i]).repeat_interleave(self.d.head_dim)
+                o_proj.weight.mul_(scale.to(o_proj.weight)[None, :])
+            if "neurons" in self.kinds:
+                scale = soft_gate(self.kinds["neurons"].log_alpha[i])
+                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    linear.weight.mul_(scale.to(linear.weight)[:, None])
+                    if linear.bias is not None:
+                        linear.bias.mul_(scale.to(linear.bias))
+
 
 # --------------------------------------------------------------------------- teachers
 @dataclass
 class Snapshot:
-    """A snapshot teacher: the student's deterministic 0/1 gates and a copy of its LoRA tensors."""
+    """A snapshot teacher: the student's deterministic gates and a copy of its LoRA tensors."""
 
-    level: int  # the multiple of snapshot_every s_hat climbed across
+    level: int  # recorded when s_hat reached level * snapshot_every
     step: int
     student_sparsity: float  # s_hat when it was taken
-    sparsity: float  # the sparsity of its 0/1 gates
+    sparsity: float  # the sparsity of its deterministic gates
     gates: dict[str, torch.Tensor]
     lora: dict[str, torch.Tensor]
 
@@ -222,51 +261,91 @@ class Snapshot:
 
 INTACT = "intact"  # the teacher is the unmasked model with LoRA off
 NONE = "none"  # no teacher pass (LM loss)
+RAMP, WALK_BACK = "ramp", "walk back"
 
 
 @dataclass
 class TeacherSchedule:
-    """Which teacher each optimizer step uses (:data:`NONE`, :data:`INTACT` or a :class:`Snapshot`).
+    """Which teacher each optimizer step uses (:data:`NONE`, :data:`INTACT` or a :class:`Snapshot`):
+    NutePrune's iterative distillation.
 
-    ``numerous``: during the ramp (step < ``warmup_steps``) a snapshot is taken each time s_hat climbs
-    into a higher multiple of ``every`` than at the previous step, and the teacher is the sparsest
-    snapshot at most ``s_hat - gap``; afterwards the wanted teacher sparsity falls linearly from
-    ``target - gap`` to 0 (the intact model) at the last step, and snapshots sparser than it are freed."""
+    ``numerous``, at step t of T (R = T - t steps remaining), the teacher chosen before the step's record:
+
+    - records: the thresholds are k * ``every`` for k = 1 .. K - 1, K = floor(target / every); a step
+      whose s_hat (before its update) reaches the next unrecorded threshold records a snapshot (at
+      most one a step, never replaced);
+    - ramp: with n >= A = round(gap / every) records, the teacher is record n - A + 1 (the A-th newest);
+      before that the intact model;
+    - walk back: once every threshold is recorded, the first step whose s_hat reaches the target starts
+      it with R0 = R. Then with interval = max(1, R0 // (n + 1)) the teacher is record
+      min(R // interval - A, n - 1) (0-based), the intact model when that is negative: it walks back
+      one record per interval and the last steps are taught by the intact model. Records no later step
+      can use are freed.
+    """
 
     strategy: str
     total_steps: int
-    warmup_steps: int
     target: float
     every: float = 0.01
     gap: float = 0.1
-    snapshots: dict[int, Snapshot] = field(default_factory=dict)
+    records: list[Snapshot | None] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
-    taken: int = 0
+    walk_back_from: int | None = None  # R0: the steps remaining when the walk back began
+    walk_back_step: int | None = None  # the step whose s_hat reached the target (after every record)
     held_max: int = 0
     bytes_max: int = 0
 
-    def wanted(self, step: int, s_hat: float) -> float:
-        """The sparsity the teacher should have (<= 0: the intact model)."""
-        if step >= self.total_steps - 1:
-            return 0.0
-        if step < self.warmup_steps:
-            return s_hat - self.gap
-        remaining = self.total_steps - 1 - self.warmup_steps
-        progress = (step - self.warmup_steps) / remaining if remaining > 0 else 1.0
-        return (self.target - self.gap) * (1.0 - progress)
+    @property
+    def thresholds(self) -> list[float]:
+        return [k * self.every for k in range(1, math.floor(self.target / self.every + 1e-9))]
+
+    @property
+    def ahead(self) -> int:
+        return max(1, round(self.gap / self.every))
+
+    @property
+    def taken(self) -> int:
+        return len(self.records)
+
+    def teacher_index(self, remaining: int) -> int | None:
+        """The index of the record that teaches with ``remaining`` steps left (None: the intact model)."""
+        n = len(self.records)
+        if self.walk_back_from is None:
+            return n - self.ahead if n >= self.ahead else None
+        interval = max(1, self.walk_back_from // (n + 1))
+        phase = min(remaining // interval - self.ahead, n - 1)
+        return phase if phase >= 0 else None
+
+    def record(self, step: int, s_hat: float, take: Callable[[int, int, float], Snapshot]) -> int | None:
+        """Record a snapshot if s_hat reached the next threshold (its level), or start the walk back."""
+        if self.walk_back_from is not None:
+            return None
+        thresholds = self.thresholds
+        if len(self.records) == len(thresholds):
+            if s_hat >= self.target:
+                self.walk_back_from, self.walk_back_step = self.total_steps - step, step
+            return None
+        if s_hat < thresholds[len(self.records)]:
+            return None
+        level = len(self.records) + 1
+        self.records.append(take(level, step, s_hat))
+        return level
 
     def choose(self, step: int, s_hat: float, take: Callable[[int, int, float], Snapshot]):
         """The teacher of ``step``; ``take(level, step, s_hat)`` makes a snapshot of the student now."""
-        taken = None
+        taken, phase = None, RAMP if self.walk_back_from is None else WALK_BACK
         if self.strategy == "numerous":
-            teacher, taken = self._numerous(step, s_hat, take)
+            index = self.teacher_index(self.total_steps - step)
+            teacher = INTACT if index is None else self.records[index]
+            taken = self.record(step, s_hat, take)
+            self.free(self.total_steps - step - 1)
         else:
             teacher = NONE if self.strategy == "none" else INTACT
         self.trace.append(
             {
                 "step": step,
                 "student_sparsity": s_hat,
-                "level": math.floor(s_hat / self.every + 1e-9),
+                "phase": phase,
                 "teacher": teacher if isinstance(teacher, str) else "snapshot",
                 "teacher_level": teacher.level if isinstance(teacher, Snapshot) else None,
                 "teacher_sparsity": teacher_sparsity(teacher),
@@ -275,47 +354,52 @@ class TeacherSchedule:
         )
         return teacher
 
-    def _numerous(self, step: int, s_hat: float, take) -> tuple[Snapshot | str, int | None]:
-        level = math.floor(s_hat / self.every + 1e-9)
-        taken = None
-        previous = self.trace[-1]["level"] if self.trace else None
-        if step < self.warmup_steps and previous is not None and level > previous:
-            self.snapshots[level] = take(level, step, s_hat)
-            self.taken, taken = self.taken + 1, level
-        wanted = self.wanted(step, s_hat)
-        if step >= self.warmup_steps:  # the wanted sparsity only falls from here on
-            for gone in [k for k, snap in self.snapshots.items() if snap.sparsity > wanted]:
-                del self.snapshots[gone]
-        self.held_max = max(self.held_max, len(self.snapshots))
-        self.bytes_max = max(self.bytes_max, sum(s.nbytes for s in self.snapshots.values()))
-        fits = [snap for snap in self.snapshots.values() if snap.sparsity <= wanted]
-        if wanted <= 0 or not fits:
-            return INTACT, taken
-        return max(fits, key=lambda snap: (snap.sparsity, snap.level)), taken
+    def free(self, remaining: int) -> None:
+        """During the walk back the teacher's index never rises: the records above the one the next
+        step (``remaining`` steps left) would use are dropped."""
+        if self.walk_back_from is not None:
+            index = self.teacher_index(remaining)
+            for i in range((-1 if index is None else index) + 1, len(self.records)):
+                self.records[i] = None
+        held = [snap for snap in self.records if snap is not None]
+        self.held_max = max(self.held_max, len(held))
+        self.bytes_max = max(self.bytes_max, sum(snap.nbytes for snap in held))
 
     def stages(self) -> list[dict]:
-        """Runs of consecutive steps with the same teacher."""
+        """Runs of consecutive steps of one phase with the same teacher."""
         stages: list[dict] = []
         for row in self.trace:
             last = stages[-1] if stages else None
-            key = (row["teacher"], row["teacher_level"])
-            if last is not None and last["_key"] == key:
+            key = (row["phase"], row["teacher"], row["teacher_level"])
+            if last is not None and (last["phase"], last["teacher"], last["teacher_level"]) == key:
                 last["steps"][1] = row["step"]
                 last["student_sparsity"][1] = round(row["student_sparsity"], 6)
                 continue
             sparsity = row["teacher_sparsity"]
             stages.append(
                 {
-                    "_key": key,
                     "steps": [row["step"], row["step"]],
+                    "phase": row["phase"],
                     "student_sparsity": [round(row["student_sparsity"], 6)] * 2,
                     "teacher": row["teacher"],
+                    "teacher_level": row["teacher_level"],
                     "teacher_sparsity": None if sparsity is None else round(sparsity, 6),
                 }
             )
-        for stage in stages:
-            del stage["_key"]
         return stages
+
+    def report(self) -> dict:
+        stages = self.stages()
+        return {
+            "strategy": self.strategy,
+            "schedule": stages,
+            "snapshot_stages": sum(1 for stage in stages if stage["teacher"] == "snapshot"),
+            "snapshot_steps": sum(1 for row in self.trace if row["teacher"] == "snapshot"),
+            "snapshots_taken": self.taken,
+            "target_reached_step": self.walk_back_step,
+            "snapshots_held_max": self.held_max,
+            "snapshot_mib": round(self.bytes_max / 2**20, 3),
+        }
 
 
 def teacher_sparsity(teacher) -> float | None:
@@ -343,13 +427,12 @@ class MaskLearner(pl.LightningModule):
         self.schedule = TeacherSchedule(
             strategy,
             pruner.steps,
-            pruner.warmup_steps,
             target,
             every=getattr(teacher, "snapshot_every", 0.01),
             gap=getattr(teacher, "teacher_gap", 0.1),
         )
         init = torch.Generator().manual_seed(seed)
-        self.gates = UnitGates(self.d, pruner.units, pruner.droprate_init, init).to(
+        self.gates = UnitGates(self.d, pruner.units, pruner.droprate_init, pruner.head_log_alpha, init).to(
             next(model.parameters()).device
         )
         self.lambda1 = nn.Parameter(torch.zeros(()))
@@ -357,8 +440,6 @@ class MaskLearner(pl.LightningModule):
         self.lora = LoRAAdapter(
             r=pruner.lora_r, alpha=pruner.lora_alpha, dropout=0.0, targets=list(pruner.lora_targets)
         )
-        with torch.no_grad():
-            self.start = min(target, float(self.gates.expected_sparsity())) if pruner.ramp_from_init else 0.0
         self.generator: torch.Generator | None = None
         self._requires_grad: dict[str, bool] = {}
 
@@ -391,9 +472,9 @@ class MaskLearner(pl.LightningModule):
             return None
         if teacher == INTACT:
             with self.gates.using(None), self.lora.disabled(self.model):
-                return self.teacher._forward(self.model, input_ids, None)
+                return self.teacher.decoder_outputs(self.model, input_ids, None)
         with self.gates.using(teacher.gates), self.lora.swapped(self.model, teacher.lora):
-            return self.teacher._forward(self.model, input_ids, None)
+            return self.teacher.decoder_outputs(self.model, input_ids, None)
 
     def losses(self, input_ids: torch.Tensor, step: int, z: dict[str, torch.Tensor]) -> dict:
         """Every term of step ``step`` with the student's gates ``z``; ``loss`` is what is minimised."""
@@ -407,9 +488,9 @@ class MaskLearner(pl.LightningModule):
         lm_loss = nll / max(count, 1)
         task, extra = lm_loss, {}
         if teacher_out is not None:
-            task, extra = Distiller.loss(self.teacher, out, teacher_out, lm_loss, None)
+            task, extra = self.teacher.distillation(out, teacher_out, lm_loss, None)
         s_hat = self.gates.expected_sparsity()
-        target = target_at(step, self.target, self.schedule.warmup_steps, self.start)
+        target = target_at(step, self.target, self.pruner.warmup_steps)
         lag = lagrangian(s_hat, target, self.lambda1, self.lambda2)
         terms = {
             "loss": task + lag,
@@ -440,14 +521,35 @@ class MaskLearner(pl.LightningModule):
             self.log(f"prune/{key}", value, prog_bar=key in ("loss", "expected_sparsity"))
         return loss
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """The LoRA gradient's norm is clipped at 1 (the gates and multipliers are not clipped)."""
+        torch.nn.utils.clip_grad_norm_(self.lora_parameters(), MAX_LORA_GRAD_NORM)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.gates.constrain()
+
     def configure_optimizers(self):
-        lora = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
             {"params": list(self.gates.parameters()), "lr": self.pruner.mask_lr},
-            {"params": lora, "lr": self.pruner.lora_lr},
+            {"params": self.lora_parameters(), "lr": self.pruner.lora_lr},
             {"params": [self.lambda1, self.lambda2], "lr": self.pruner.lambda_lr, "maximize": True},
         ]
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        steps = self.pruner.steps
+
+        def lora_decay(step: int) -> float:  # linear to 0 over the run; gates and multipliers constant
+            return max(0.0, (steps - step) / steps)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [constant_lr, lora_decay, constant_lr])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def constant_lr(step: int) -> float:
+    return 1.0
 
 
 # --------------------------------------------------------------------------- the pruner
@@ -459,16 +561,17 @@ class NutePrunePruner(StructuredPruner):
     units: list = field(default_factory=lambda: ["heads", "neurons"])
     head_mode: str = "query"
     batch_size: int = 4  # training windows per optimizer step
-    steps: int = 40  # optimizer steps of mask learning
-    warmup: float = 0.5  # fraction of the steps over which the target sparsity ramps up
+    steps: int = 200  # optimizer steps of mask learning
+    warmup: float = 0.4  # fraction of the steps over which the target sparsity ramps up from 0
     mask_lr: float = 0.1
-    lambda_lr: float = 0.1
+    lambda_lr: float = 3e4  # the reference 0.1 is far too slow for a few hundred steps (docs/nuteprune.md)
     lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_lr: float = 1e-3
+    lora_alpha: float = 8.0  # LoRA scale lora_alpha / lora_r = 1, as the reference
+    lora_lr: float = 1e-3  # decays linearly to 0 over the steps
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    droprate_init: float = 0.5
-    ramp_from_init: bool = True  # the target ramps from the gates' initial s_hat (false: from 0)
+    droprate_init: float = 0.01  # neurons start at log_alpha = log(1 - d) - log(d) = 4.6
+    head_log_alpha: float = 10.0  # heads start here (clamped to log 1e2 = 4.6 after the first step)
+    fold_gates: bool = True  # scale the kept units by their deterministic gate values, as the reference
     accelerator: str = "auto"  # Lightning accelerator of mask learning (auto: the GPU when there is one)
 
     name = "nuteprune"
@@ -478,18 +581,7 @@ class NutePrunePruner(StructuredPruner):
 
     def __post_init__(self):
         super().__post_init__()
-        require(
-            all(u in GATE_KINDS for u in self.units),
-            "pruner.units",
-            self.units,
-            f"nuteprune gates some of: {', '.join(GATE_KINDS)}",
-        )
-        require(
-            self.head_mode == "query",
-            "pruner.head_mode",
-            self.head_mode,
-            "nuteprune keeps every K/V head and gates query heads: only 'query'",
-        )
+        self.check_gate_settings()
         require_positive_int("pruner.steps", self.steps)
         require_fraction("pruner.warmup", self.warmup, closed_right=True)
         for key in ("mask_lr", "lambda_lr", "lora_lr", "lora_alpha"):
@@ -507,18 +599,6 @@ class NutePrunePruner(StructuredPruner):
             f"must list some of: {', '.join(PROJECTIONS)}",
         )
         require(
-            is_number(self.droprate_init) and 0 < self.droprate_init < 1,
-            "pruner.droprate_init",
-            self.droprate_init,
-            "must be a number in (0, 1)",
-        )
-        require(
-            isinstance(self.ramp_from_init, bool),
-            "pruner.ramp_from_init",
-            self.ramp_from_init,
-            "must be true or false",
-        )
-        require(
             self.accelerator in ACCELERATORS,
             "pruner.accelerator",
             self.accelerator,
@@ -526,6 +606,35 @@ class NutePrunePruner(StructuredPruner):
         )
         self.report: dict = {}
         self.trace: list[dict] = []
+
+    def check_gate_settings(self) -> None:
+        require(
+            all(u in GATE_KINDS for u in self.units),
+            "pruner.units",
+            self.units,
+            f"nuteprune gates some of: {', '.join(GATE_KINDS)}",
+        )
+        require(
+            self.head_mode == "query",
+            "pruner.head_mode",
+            self.head_mode,
+            "nuteprune keeps every K/V head and gates query heads: only 'query'",
+        )
+        require(
+            is_number(self.droprate_init) and 0 < self.droprate_init < 1,
+            "pruner.droprate_init",
+            self.droprate_init,
+            "must be a number in (0, 1)",
+        )
+        require(
+            is_number(self.head_log_alpha) and math.isfinite(self.head_log_alpha),
+            "pruner.head_log_alpha",
+            self.head_log_alpha,
+            "must be a finite number",
+        )
+        require(
+            isinstance(self.fold_gates, bool), "pruner.fold_gates", self.fold_gates, "must be true or false"
+        )
 
     @property
     def warmup_steps(self) -> int:
@@ -538,8 +647,7 @@ class NutePrunePruner(StructuredPruner):
         teacher = ctx.teacher
         name = getattr(teacher, "name", NONE) if teacher is not None else NONE
         require(name in TEACHERS, "teacher", name, f"nuteprune supports: {', '.join(TEACHERS)}")
-        d = Dims.of(model.config)
-        target = budget.sparsity(d)
+        target = budget.sparsity(Dims.of(model.config))
         learner = MaskLearner(model, self, target, teacher, ctx.seed)
         start = time.perf_counter()
         with ctx.watch("mask learning"):
@@ -548,8 +656,11 @@ class NutePrunePruner(StructuredPruner):
         with ctx.watch("merge"):
             structure = learner.gates.structure(budget)
             merged = learner.release()
+            if self.fold_gates:
+                learner.gates.fold(model)
         self.trace = learner.schedule.trace
         self.report = self._report(learner, trainer, structure, merged, seconds)
+        check_snapshots_taught(learner.schedule, self.report["teacher"])
         return structure
 
     def _fit(self, learner: MaskLearner, train: torch.Tensor, ctx: StructuredContext) -> pl.Trainer:
@@ -588,25 +699,37 @@ class NutePrunePruner(StructuredPruner):
         return trainer
 
     def _report(self, learner: MaskLearner, trainer, structure: Structure, merged, seconds: float) -> dict:
-        schedule = learner.schedule
         with torch.no_grad():
             s_hat = float(learner.gates.expected_sparsity())
+            deterministic = learner.gates.sparsity_of(learner.gates.deterministic())
         return {
             "target_sparsity": round(learner.target, 6),
-            "ramp_start": round(learner.start, 6),
             "expected_sparsity": round(s_hat, 6),
+            "deterministic_sparsity": round(deterministic, 6),
             "structure_sparsity": round(structure.sparsity(), 6),
             "lambda1": round(learner.lambda1.item(), 6),
             "lambda2": round(learner.lambda2.item(), 6),
+            "log_alpha": {
+                kind: [round(gate.log_alpha.min().item(), 4), round(gate.log_alpha.max().item(), 4)]
+                for kind, gate in learner.gates.kinds.items()
+            },
             "steps": int(trainer.global_step),
             "warmup_steps": self.warmup_steps,
-            "teacher": {
-                "strategy": schedule.strategy,
-                "schedule": schedule.stages(),
-                "snapshots_taken": schedule.taken,
-                "snapshots_held_max": schedule.held_max,
-                "snapshot_mib": round(schedule.bytes_max / 2**20, 3),
-            },
+            "teacher": learner.schedule.report(),
             "lora_merged": len(merged),
+            "gates_folded": self.fold_gates,
             "mask_learning_s": round(seconds, 3),
         }
+
+
+def check_snapshots_taught(schedule: TeacherSchedule, report: dict) -> None:
+    """A RunError when ``teacher=numerous`` ran without a single step taught by a snapshot."""
+    if schedule.strategy != "numerous" or report["snapshot_stages"] > 0:
+        return
+    reached = max((row["student_sparsity"] for row in schedule.trace), default=0.0)
+    raise RunError(
+        f"teacher=numerous: no snapshot taught in {len(schedule.trace)} mask-learning steps (expected "
+        f"sparsity reached {reached:.3f}, {schedule.taken} snapshots recorded; one teaches once "
+        f"{schedule.ahead} are recorded, from s_hat >= {schedule.ahead * schedule.every:.2f}); raise "
+        "pruner.steps or pruner.mask_lr, or lower teacher.teacher_gap"
+    )
