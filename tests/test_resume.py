@@ -87,7 +87,7 @@ def test_a_checkpoint_of_other_settings_or_none_at_all_is_refused_in_the_plan(tm
         plan(compose_config([*overrides, "resume=true"], tmp_path / "b"))
     with pytest.raises(
         ConfigError,
-        match=r"^resume='.*last\.ckpt': the checkpoint belongs to another run \(tune\.lr: 0\.01 there, 0\.02 now\)$",
+        match=r"^resume='.*last\.ckpt': the checkpoint belongs to another run \(tune\.lr: 0\.03 there, 0\.02 now\)$",
     ):
         plan(
             compose_config(
