@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.errors import ConfigError, require, require_positive_int
+from sppx.files import read_json_cache, write_cache
 from sppx.instructions import LOSS_ON, SUFFIXES, TEMPLATES, Examples, load_alpaca, tokenize_examples
 from sppx.loaders import tuning_loader
 from sppx.wikitext import clean_wikitext, iter_articles
@@ -167,8 +167,9 @@ class Corpus:
             json.dumps([_SPLIT_VERSION, self.fingerprint(), self.split], sort_keys=True).encode()
         ).hexdigest()[:16]
         path = Path(cache_dir) / "data" / f"{self.name}-{key}.json" if cache_dir else None
-        if path is not None and path.is_file():
-            return json.loads(path.read_text())
+        cached = read_json_cache(path, valid_parts) if path is not None else None
+        if cached is not None:
+            return cached
         docs = self.documents()
         parts = split_documents(docs, self.split)
         empty = [part for part in PARTS if not parts[part]]
@@ -180,8 +181,21 @@ class Corpus:
                 f"(empty: {', '.join(empty)}); give more text (documents are blank-line-separated blocks)",
             )
         if path is not None:
-            write_json_atomic(path, parts)
+            write_cache(path, json.dumps(parts, indent=1))
         return parts
+
+
+def valid_documents(content) -> bool:
+    return isinstance(content, list) and all(isinstance(d, str) for d in content)
+
+
+def valid_parts(content) -> bool:
+    """What ``parts`` caches: every part, each a list of document texts."""
+    return (
+        isinstance(content, dict)
+        and sorted(content) == sorted(PARTS)
+        and all(valid_documents(docs) for docs in content.values())
+    )
 
 
 def split_documents(docs: list[tuple[str, str]], fractions: dict[str, float]) -> dict[str, list[str]]:
@@ -201,24 +215,6 @@ def split_documents(docs: list[tuple[str, str]], fractions: dict[str, float]) ->
             i += 1
     out["tuning"] = [t for _, t in order[i:]]
     return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name beside ``path``, then rename: readers see all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def text_blocks(path: Path) -> list[str]:
@@ -361,8 +357,9 @@ class HubDataset(Corpus):
 def c4_documents(cache_dir: Path | None, count: int = C4_DOCUMENTS) -> list[str]:
     """The first ``count`` documents of C4's first English training shard, streamed once and cached."""
     path = Path(cache_dir) / "data" / f"c4-{C4_SHARD.replace('/', '_')}-{count}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
+    cached = read_json_cache(path, valid_documents) if path is not None else None
+    if cached is not None:
+        return cached
     try:
         import datasets
 
@@ -379,7 +376,7 @@ def c4_documents(cache_dir: Path | None, count: int = C4_DOCUMENTS) -> list[str]
             "(then it is cached); offline, use calibration, tuning or a text file",
         ) from None
     if path is not None:
-        write_json_atomic(path, docs)
+        write_cache(path, json.dumps(docs, indent=1))
     return docs
 
 

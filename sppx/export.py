@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from sppx.errors import RunError
+from sppx.files import make_temp_folder
 from sppx.pruning.sequential import layers_prefix, prunable_linears
 
 
@@ -136,8 +136,7 @@ def save_model(
     files) runs on it, and only then is it renamed: an interrupted or failed export never leaves a
     complete-looking folder."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = make_temp_folder(directory)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from sppx.errors import ConfigError, is_int, require
+from sppx.files import make_temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,7 @@ class EmbeddedModel:
             model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=self.cache_path.name + ".tmp-", dir=self.cache_path.parent))
+        tmp = make_temp_folder(self.cache_path)
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

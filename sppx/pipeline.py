@@ -35,7 +35,6 @@ from sppx.data import (
     calibration_windows,
     consecutive_windows,
     windows_digest,
-    write_json_atomic,
 )
 from sppx.errors import ConfigError, RunError, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig, perplexity
@@ -47,6 +46,7 @@ from sppx.export import (
     verify_model_zeros,
     verify_saved_zeros,
 )
+from sppx.files import write_json_atomic
 from sppx.instructions import InstructionDataModule, pad_token_id
 from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir

@@ -33,6 +33,7 @@ import yaml
 from torch import nn
 
 from sppx.errors import ConfigError
+from sppx.files import discard_cache, read_cache, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +108,71 @@ def task_yaml(name: str, data_file: Path) -> dict:
 
 
 def write_task(directory: Path, name: str, records: list[dict]) -> Path:
-    """Write ``<name>.yaml`` and ``<name>.jsonl`` into ``directory`` (atomically); return the YAML path."""
-    from sppx.data import write_text_atomic
-
+    """Write ``<name>.yaml`` and ``<name>.jsonl`` into ``directory`` (atomically, each with its digest
+    beside it); return the YAML path."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"{name}.jsonl"
-    write_text_atomic(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_cache(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     path = directory / f"{name}.yaml"
-    write_text_atomic(path, yaml.safe_dump(task_yaml(name, data.resolve()), sort_keys=False))
+    write_cache(path, yaml.safe_dump(task_yaml(name, data.resolve()), sort_keys=False))
     return path
 
 
 def wiki_cloze_task(cache_dir: Path) -> Path:
     """The ``sppx_wiki_cloze`` task YAML in the cache, built from the embedded Wikipedia text's
-    evaluation part (default split) the first time."""
+    evaluation part (default split) the first time. The cached files are used only when their digests
+    match and the YAML is exactly what sppx writes (a tampered or truncated file is rebuilt)."""
     from sppx.data import WikiText
 
     corpus = WikiText()
     directory = Path(cache_dir) / "tasks" / f"{WIKI_CLOZE}-v{WIKI_CLOZE_VERSION}-{corpus.fingerprint()[:12]}"
-    path = directory / f"{WIKI_CLOZE}.yaml"
-    if not path.is_file():
+    path, data = directory / f"{WIKI_CLOZE}.yaml", directory / f"{WIKI_CLOZE}.jsonl"
+    expected = yaml.safe_dump(task_yaml(WIKI_CLOZE, data.resolve()), sort_keys=False)
+    if read_cache(data) is None or read_cache(path) != expected:
+        discard_cache(path)
         records = cloze_items(corpus.parts(cache_dir)["evaluation"])
         path = write_task(directory, WIKI_CLOZE, records)
     return path
+
+
+# --------------------------------------------------------------------------- templates
+def sandbox_templates() -> None:
+    """Render every lm-eval prompt template in Jinja2's immutable sandbox: a task file is data, and a
+    template that reaches for Python internals (``cycler.__init__.__globals__.os``) raises a
+    SecurityError instead of running. The harness renders through one module-level environment."""
+    from jinja2 import BaseLoader, StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from lm_eval import utils
+
+    if isinstance(utils.env, ImmutableSandboxedEnvironment):
+        return
+    env = ImmutableSandboxedEnvironment(
+        loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True
+    )
+    env.filters.update(utils.env.filters)
+    utils.env = env
+
+
+def check_templates(task, key: str, entry: str) -> None:
+    """Render a task's prompt templates on its first document, so a template the sandbox refuses
+    (or that names a field the data lacks) fails in the plan, in one line."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        doc = next(iter(task.eval_docs), None)
+    except Exception:  # documents that cannot be listed are the harness's business at evaluation
+        return
+    if doc is None:
+        return
+    try:
+        task.doc_to_text(doc)
+        task.doc_to_target(doc)
+        if getattr(task, "OUTPUT_TYPE", None) == "multiple_choice":
+            task.doc_to_choice(doc)
+    except SecurityError as err:
+        raise ConfigError(key, entry, f"its template is refused by the sandbox: {_first_line(err)}") from None
+    except TemplateError as err:
+        raise ConfigError(key, entry, f"its template does not render: {_first_line(err)}") from None
 
 
 # --------------------------------------------------------------------------- loading tasks
@@ -200,6 +243,8 @@ def load_tasks(required: list[str], optional: list[str], cache_dir: Path) -> Tas
     if not required and not optional:
         return out
     _quiet_harness()
+    sandbox_templates()
+    from jinja2.exceptions import SecurityError
     from lm_eval.tasks import TaskManager
 
     managers: dict[bool, TaskManager] = {}
@@ -222,6 +267,12 @@ def load_tasks(required: list[str], optional: list[str], cache_dir: Path) -> Tas
         try:
             with _no_progress():
                 loaded = manager(isinstance(spec, str)).load([spec])["tasks"]
+        except SecurityError as err:
+            raise ConfigError(
+                "eval.tasks" if is_required else "eval.tasks_optional",
+                entry,
+                f"its template is refused by the sandbox: {_first_line(err)}",
+            ) from None
         except Exception as err:
             why = f"its dataset could not be loaded ({_first_line(err)})"
             if not is_required:
@@ -235,6 +286,7 @@ def load_tasks(required: list[str], optional: list[str], cache_dir: Path) -> Tas
                 "eval.tasks_optional to skip it when missing",
             ) from None
         for task_name, task in loaded.items():
+            check_templates(task, "eval.tasks" if is_required else "eval.tasks_optional", entry)
             out.tasks[task_name] = task
             out.sources[task_name] = source
     return out
@@ -282,6 +334,7 @@ def evaluate_tasks(
     if not tasks:
         return {}
     _quiet_harness()
+    sandbox_templates()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

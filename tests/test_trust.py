@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 import sppx.models as models
-from sppx.data import write_text_atomic
+from sppx.files import write_text_atomic
 from sppx.errors import RunError
 from sppx.export import SparsityViolation
 from sppx.pipeline import run
