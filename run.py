@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 import sppx.sweep  # noqa: F401 (registers the job_dirname resolver that names sweep job folders)
 from sppx.errors import ConfigError, RunError
+from sppx.interrupts import Interrupted
 
 log = logging.getLogger("sppx")
 CONF = Path(__file__).resolve().parent / "conf"
@@ -46,6 +47,15 @@ def main(cfg: DictConfig) -> float:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         results = run(cfg, overrides=list(hydra_cfg.overrides.task), record_bad_input=in_sweep)
+    except Interrupted as err:  # a sweep stops too: the signal was meant for the whole command
+        log.error("%s", err)
+        resume = getattr(err, "resume", None)
+        how = f"; resume with: {resume}" if resume else ""
+        print(f"sppx: {err} (results.json says where it stopped){how}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # before the run's own handlers are in place: nothing was written
+        print("sppx: interrupted by SIGINT before the run started; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ConfigError, RunError) as err:
         log.error("%s", err)
         print(f"sppx: error: {err}", file=sys.stderr)

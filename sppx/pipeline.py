@@ -48,6 +48,7 @@ from sppx.export import (
 )
 from sppx.files import write_json_atomic
 from sppx.instructions import InstructionDataModule, pad_token_id
+from sppx.interrupts import Interrupted, SignalGuard, StopOnSignal
 from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig, TuneModule
@@ -426,13 +427,16 @@ def _quiet_lightning() -> None:
 def execute(p: Plan, progress: bool = True) -> dict:
     """Run the plan. A run that fails (or is interrupted) leaves a ``results.json`` whose status says so,
     with the error's first line, and never a complete-looking ``model/``."""
-    try:
-        return _execute(p, progress)
-    except BaseException as err:
-        if process_rank() == 0:
-            record_failure(p.output_dir, p.cfg, p.command, err)
-            finish_wandb(failed=True)
-        raise
+    watch = Stopwatch()
+    with SignalGuard() as guard:
+        try:
+            return _execute(p, progress, watch, guard)
+        except BaseException as err:
+            if process_rank() == 0:
+                stage = watch.raised_in or watch.current or "setup"
+                record_failure(p.output_dir, p.cfg, p.command, err, stage)
+                finish_wandb(failed=True)
+            raise
 
 
 def process_rank() -> int:
@@ -458,9 +462,24 @@ def launch_choices() -> dict:
     return {group: chosen.get(group) for group in GROUPS if chosen.get(group) is not None}
 
 
-def record_failure(output_dir: Path, cfg: DictConfig, command: str | None, err: BaseException) -> None:
-    """Write ``results.json`` saying the run failed (or was interrupted), with the error's first line."""
-    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+def resume_command(command: str | None, output_dir: Path, checkpoint: Path | None) -> str | None:
+    """The command that continues an interrupted run in its own folder: from its checkpoint when it has
+    one (``resume=true``), else from the start (``overwrite=true``)."""
+    if command is None:
+        return None
+    own = ("resume=", "overwrite=", "hydra.run.dir=", "+resume=", "+overwrite=")
+    args = [a for a in shlex.split(command)[2:] if not a.startswith(own)]
+    tail = "resume=true" if checkpoint is not None else "overwrite=true"
+    return shlex.join(["python", "run.py", *args, f"hydra.run.dir={Path(output_dir).resolve()}", tail])
+
+
+def record_failure(
+    output_dir: Path, cfg: DictConfig, command: str | None, err: BaseException, stage: str | None = None
+) -> None:
+    """Write ``results.json`` saying the run failed (or was interrupted, and how to resume it), with the
+    error's first line and the stage it stopped in."""
+    interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+    status = "interrupted" if interrupted else "failed"
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:  # a config that does not even resolve
@@ -472,6 +491,8 @@ def record_failure(output_dir: Path, cfg: DictConfig, command: str | None, err: 
                 "status": status,
                 "error": _one_line(err),
                 "error_type": type(err).__name__,
+                "stage": stage,
+                "interrupted": interruption(err, output_dir, command) if interrupted else None,
                 "command": command,
                 "choices": launch_choices(),
                 "config": config,
@@ -481,8 +502,26 @@ def record_failure(output_dir: Path, cfg: DictConfig, command: str | None, err: 
         log.error("could not record the failure in %s: %s", Path(output_dir) / RESULTS_FILE, write_err)
 
 
-def _execute(p: Plan, progress: bool) -> dict | None:
-    cfg, watch = p.cfg, Stopwatch()
+def interruption(err: BaseException, output_dir: Path, command: str | None) -> dict:
+    """What an interrupted run's record says: the signal, the step and checkpoint it stopped at, and the
+    command that resumes it (also attached to the exception, for the one-line message)."""
+    step = getattr(err, "step", None)
+    checkpoint = getattr(err, "checkpoint", None)
+    if checkpoint is None and (Path(output_dir) / CHECKPOINT_DIR / "last.ckpt").is_file():
+        checkpoint = Path(output_dir) / CHECKPOINT_DIR / "last.ckpt"
+    how = resume_command(command, output_dir, checkpoint)
+    if isinstance(err, Interrupted):
+        err.resume = how
+    return {
+        "signal": err.signal_name if isinstance(err, Interrupted) else "SIGINT",
+        "step": step,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "resume": how,
+    }
+
+
+def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> dict | None:
+    cfg = p.cfg
     # Data-parallel tuning starts this pipeline once per process; the extra processes prune the same
     # model (deterministically), join the tuning, and leave measuring and writing to the first.
     leader = process_rank() == 0
@@ -600,7 +639,7 @@ def _execute(p: Plan, progress: bool) -> dict | None:
         trainable = parameter_counts(model)["trainable"]
         recovery_teacher.bind(model, student_masks, p.adapter, p.target_sparsity)
         with watch("tune"), PeakMemory() as peak:
-            tune_info = _tune(p, model, tokenizer, tokens, logger, recovery_teacher)
+            tune_info = _tune(p, model, tokenizer, tokens, logger, recovery_teacher, guard)
         if not leader:
             return None
         tune_info.update(
@@ -865,7 +904,7 @@ def _ppl(entry: dict | None) -> float | None:
     return None if entry is None else entry["ppl"]
 
 
-def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -> dict:
+def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher, guard: SignalGuard) -> dict:
     seqlen = p.corpus.seqlen
     val = consecutive_windows(tokens.streams["validation"], seqlen, p.corpus.val_windows)
     info: dict = {"data": p.corpus.tuning}
@@ -888,6 +927,7 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -
     ):
         callbacks.append(TQDMProgressBar())  # one style of bar for every stage
     checkpoints = p.output_dir / CHECKPOINT_DIR
+    callbacks.append(StopOnSignal(guard, checkpoints / "last.ckpt"))
     if p.tune.checkpoint_every:  # adapter-only state (TuneModule.on_save_checkpoint), one file kept
         callbacks.append(
             ModelCheckpoint(
@@ -911,14 +951,18 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher) -
         log.info("Resuming tuning from %s (after step %d)", p.resume_from, p.resume_step)
         info.update(resumed_from=str(p.resume_from), resumed_after_step=p.resume_step)
     try:
-        trainer.fit(
-            module,
-            datamodule=datamodule,
-            ckpt_path=str(p.resume_from) if p.resume_from else None,
-            weights_only=True,
-        )
+        with guard.deferred():
+            trainer.fit(
+                module,
+                datamodule=datamodule,
+                ckpt_path=str(p.resume_from) if p.resume_from else None,
+                weights_only=True,
+            )
     except FloatingPointError as err:
         raise RunError(f"tuning stopped: {err}; {describe_checkpoint(checkpoints)}") from None
+    if guard.received is not None:  # a signal after the last step: tuning is done, the run stops here
+        last = checkpoints / "last.ckpt"
+        raise Interrupted(guard.received, int(trainer.global_step), last if last.is_file() else None)
     model.eval()
     times = sorted(module.step_times)
     return {

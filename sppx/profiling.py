@@ -17,13 +17,25 @@ class Stopwatch:
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.running: list[str] = []  # the phases entered and not yet left, outermost first
+        self.raised_in: str | None = None  # the innermost phase an exception (or signal) left
+
+    @property
+    def current(self) -> str | None:
+        """The innermost phase running now (None between phases)."""
+        return self.running[-1] if self.running else None
 
     @contextmanager
     def __call__(self, phase: str):
         start = time.perf_counter()
+        self.running.append(phase)
         try:
             yield
+        except BaseException:
+            self.raised_in = self.raised_in or phase
+            raise
         finally:
+            self.running.pop()
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
 

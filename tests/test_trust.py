@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 import sppx.models as models
-from sppx.files import write_text_atomic
 from sppx.errors import RunError
 from sppx.export import SparsityViolation
+from sppx.files import write_text_atomic
 from sppx.pipeline import run
 from tests.conftest import compose_config, tiny_run_overrides
 
