@@ -1,5 +1,6 @@
 """sppx entry point: `python run.py pruner=wanda sparsity=0.75` (any Hydra override; -m for sweeps)."""
 
+import contextlib
 import logging
 import re
 import sys
@@ -29,8 +30,56 @@ def check_group_choices(args: list[str]) -> None:
         options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
         for choice in value.split(","):
             if choice not in options:
-                print(f"sppx: error: {key}={choice!r}: allowed: {', '.join(options)}", file=sys.stderr)
-                raise SystemExit(2)
+                fail(f"{key}={choice!r}: allowed: {', '.join(options)}")
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Hydra creates the run's folder before the run starts; a rejected command takes it back."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only succeeds when empty
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config as Hydra will, so a malformed or unknown override ends in one line with exit 2
+    (Hydra's own report spans several lines and exits 1). Command lines with flags (``-m``,
+    ``--config-dir``, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            fail(
+                f"{arg}: is not a valid override (key=value; quote values with spaces or symbols: key='...')"
+            )
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            compose("config", overrides=args)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).strip()
+        missing = re.match(r"Could not override '([^']+)'", text)
+        if missing:
+            key = missing.group(1)
+            value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == key), "")
+            fail(f"{key}={value}: is not a setting of sppx (a new key needs a leading +: +{key}={value})")
+        ambiguous = re.match(r"Ambiguous value for argument '([^']+)'", text)
+        if ambiguous:
+            fail(
+                f"{ambiguous.group(1)}: several values sweep only with -m (or write a list [a,b], or quote it)"
+            )
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        fail("; ".join(lines[:2]) if lines else type(err).__name__)
+
+
+def fail(message: str) -> None:
+    print(f"sppx: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -57,7 +106,12 @@ def main(cfg: DictConfig) -> float:
         print("sppx: interrupted by SIGINT before the run started; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
     except (ConfigError, RunError) as err:
-        log.error("%s", err)
+        if (
+            isinstance(err, RunError) or in_sweep
+        ):  # bad input leaves no file behind (a sweep's job records it)
+            log.error("%s", err)
+        else:
+            remove_if_empty(Path(hydra_cfg.runtime.output_dir))
         print(f"sppx: error: {err}", file=sys.stderr)
         if in_sweep:
             return float("nan")
@@ -76,4 +130,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
+    check_overrides(sys.argv[1:])
     main()

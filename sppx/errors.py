@@ -52,3 +52,32 @@ def require_fraction(key: str, value: Any, *, closed_right: bool = False) -> flo
 def require_positive_int(key: str, value: Any, *, minimum: int = 1) -> int:
     require(is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
     return int(value)
+
+
+def check_annotated_types(hints: dict, values: dict, group: str) -> None:
+    """Values against their ``bool`` / ``int`` / ``float`` annotations (``X | None`` also takes None):
+    a boolean takes only true or false (the string 'false' is not false), an integer no fraction or
+    string, a float only finite numbers. One ConfigError line naming ``group.key`` otherwise."""
+    import math
+    import types
+    import typing
+
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+        if args:
+            kinds = [a for a in args if a is not type(None)]
+            if value is None and type(None) in args:
+                continue
+            if len(kinds) != 1:
+                continue
+            hint = kinds[0]
+        name = f"{group}.{key}" if group else key
+        if hint is bool:
+            require(isinstance(value, bool), name, value, "must be true or false")
+        elif hint is int:
+            require(is_int(value), name, value, "must be an integer")
+        elif hint is float:
+            require(is_number(value) and math.isfinite(value), name, value, "must be a finite number")

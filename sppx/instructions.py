@@ -101,6 +101,8 @@ def load_alpaca(path: str | os.PathLike) -> list[dict[str, str]]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise _bad(path, f"is not valid JSON ({err})") from None
+        except RecursionError:
+            raise _bad(path, "is nested too deeply to be Alpaca records") from None
         if not isinstance(data, list):
             raise _bad(path, f"must hold a JSON list of records, not a {type(data).__name__}")
         records = [_record(obj, f"record {i}", path) for i, obj in enumerate(data, start=1)]
@@ -112,6 +114,8 @@ def load_alpaca(path: str | os.PathLike) -> list[dict[str, str]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise _bad(path, f"line {number} is not valid JSON ({err})") from None
+            except RecursionError:
+                raise _bad(path, f"line {number} is nested too deeply to be an Alpaca record") from None
             records.append(_record(obj, f"line {number}", path))
     if not records:
         raise _bad(path, "holds no records")

@@ -255,6 +255,14 @@ class EmbeddedModel:
 
 
 # --------------------------------------------------------------------------- any HF model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 @dataclass
 class HubModel:
     """Any model ``AutoModelForCausalLM`` can load: a local folder, or a hub id for users online."""
@@ -272,6 +280,24 @@ class HubModel:
             "must name a local folder or a hub id",
         )
         torch_dtype(self.dtype)
+        require(
+            isinstance(self.trust_remote_code, bool),
+            "model.trust_remote_code",
+            self.trust_remote_code,
+            "must be true or false",
+        )
+        if self.trust_remote_code is True:
+            where = Path(self.name_or_path).expanduser()
+            source = (
+                f"the folder {where.resolve()}"
+                if where.is_dir()
+                else f"the hub repository {self.name_or_path}"
+            )
+            log.warning(
+                "model.trust_remote_code=true: Python code from %s will run in this process "
+                "(its auto_map names it); use it only for code you have read",
+                source,
+            )
 
     @property
     def name(self) -> str:
@@ -281,15 +307,36 @@ class HubModel:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
 
     def model_config(self) -> PretrainedConfig:
+        folder = Path(self.name_or_path).expanduser()
         try:
-            return AutoConfig.from_pretrained(self.name_or_path, **self._kwargs())
+            config = AutoConfig.from_pretrained(self.name_or_path, **self._kwargs())
         except OSError as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
                 "model.name_or_path",
                 self.name_or_path,
-                f"not a local model folder and not reachable on the hub ({first_line})",
+                f"not a local model folder and not reachable on the hub ({first_line(err)})",
             ) from None
+        except Exception as err:  # a config.json of the wrong shape raises ValueError, TypeError, KeyError...
+            raise ConfigError(
+                "model.name_or_path",
+                self.name_or_path,
+                f"has a config.json transformers cannot read ({first_line(err)})",
+            ) from None
+        if folder.is_dir():
+            require(
+                any((folder / name).is_file() for name in TOKENIZER_FILES),
+                "model.name_or_path",
+                self.name_or_path,
+                f"has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+            )
+            weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            require(
+                len(weights) > 0,
+                "model.name_or_path",
+                self.name_or_path,
+                "has no weight files (*.safetensors)",
+            )
+        return config
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model = load_pretrained(self.name_or_path, self.dtype, **self._kwargs())
@@ -346,6 +393,13 @@ class TinyLlama:
             "model.num_key_value_heads",
             self.num_key_value_heads,
             f"must divide model.num_attention_heads={self.num_attention_heads}",
+        )
+        head_dim = self.hidden_size // self.num_attention_heads
+        require(
+            head_dim % 2 == 0,
+            "model.hidden_size",
+            self.hidden_size,
+            f"gives a head size of {head_dim}; rotary position embeddings need an even head size",
         )
         torch_dtype(self.dtype)
 

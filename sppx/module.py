@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import SumMetric
 
-from sppx.errors import is_int, is_number, require
+from sppx.errors import RunError, is_int, is_number, require
 from sppx.evaluate import next_token_nll
 from sppx.teachers import NoTeacher
 
@@ -155,9 +155,9 @@ class TuneModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = self.trainable_keys() - set(checkpoint["state_dict"])
         if missing:
-            raise ValueError(
+            raise RunError(
                 f"the checkpoint does not hold this adapter: {len(missing)} trainable tensors missing, "
-                f"e.g. {sorted(missing)[0]}"
+                f"e.g. {sorted(missing)[0]}; start over with overwrite=true"
             )
         self._restored = checkpoint.get("sppx")
 

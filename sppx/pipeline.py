@@ -13,8 +13,9 @@ import logging
 import re
 import shlex
 import time
+import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from sppx.adapters.base import Adapter
 from sppx.card import model_card
+from sppx.checks import check_paths, check_trainer
 from sppx.data import (
     Corpus,
     TokenizedCorpus,
@@ -36,7 +38,7 @@ from sppx.data import (
     consecutive_windows,
     windows_digest,
 )
-from sppx.errors import ConfigError, RunError, is_int, require, require_fraction
+from sppx.errors import ConfigError, RunError, check_annotated_types, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig, perplexity
 from sppx.export import (
     parameter_counts,
@@ -58,6 +60,7 @@ from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
 from sppx.pruning.structured import Dims, StructuredContext, StructuredPruner, shrink_model
 from sppx.results import RESULTS_FILE
+from sppx.run_folder import check_folder, owned, previous_run
 from sppx.speed import PROMPT_TOKENS, compare_speeds
 from sppx.teachers import NoTeacher
 from sppx.tracking import current_sweep, finish_wandb, publish, stage_of
@@ -67,7 +70,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 GROUPS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "trainer", "logger")
-TOP_LEVEL_KEYS = (*GROUPS, "paths", "tune", "eval", "seed", "sparsity", "export", "resume")
+TOP_LEVEL_KEYS = (*GROUPS, "paths", "tune", "eval", "seed", "sparsity", "export", "resume", "overwrite")
 # What decides a tuning run's trajectory: a checkpoint only resumes a run with the same values.
 RESUME_SETTINGS = ("model", "data", "pruner", "pattern", "adapter", "teacher", "tune", "seed", "sparsity")
 RESUME_TRAINER_SETTINGS = (
@@ -86,7 +89,9 @@ def _unexpected_keyword(err: BaseException) -> str | None:
 
 
 def build(node: DictConfig, group: str, **kwargs):
-    """Instantiate a config group's ``_target_``; any error becomes one ConfigError line under ``group``."""
+    """Instantiate a config group's ``_target_``; any error becomes one ConfigError line under ``group``.
+    sppx's own classes are checked against their annotations first (booleans are booleans)."""
+    check_types(node, group)
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
@@ -106,6 +111,21 @@ def build(node: DictConfig, group: str, **kwargs):
         ) from None
     except MissingMandatoryValue as err:
         raise ConfigError(f"{group}.{err.key}", "???", "is required: set it on the command line") from None
+
+
+def check_types(node: DictConfig, group: str) -> None:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not (isinstance(target, str) and target.startswith("sppx.")):
+        return
+    try:
+        obj = get_object(target)
+        hints = typing.get_type_hints(obj if not isinstance(obj, type) or is_dataclass(obj) else obj.__init__)
+    except Exception:  # an unknown target is reported by instantiate, in one line
+        return
+    values = {
+        str(k): node[k] for k in node if not str(k).startswith("_") and not OmegaConf.is_missing(node, k)
+    }
+    check_annotated_types(hints, values, group)
 
 
 def check_signature(node: DictConfig, group: str) -> None:
@@ -182,13 +202,17 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     sparsity = require_fraction("sparsity", cfg.get("sparsity"))
     seed = cfg.get("seed")
     require(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "must be an integer in [0, 2**32)")
-    require(isinstance(cfg.get("export"), bool), "export", cfg.get("export"), "must be true or false")
+    for key in ("export", "overwrite"):
+        require(isinstance(cfg.get(key, False), bool), key, cfg.get(key), "must be true or false")
     for key in (*GROUPS, "tune", "eval"):
         allowed = (
             f"must select an option of conf/{key}/" if key in GROUPS else "must be a mapping with a _target_"
         )
         require(isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key], key, cfg.get(key), allowed)
     check_signature(cfg.logger, "logger")  # loggers may touch disk or network when built: bind only
+    check_types(cfg.logger, "logger")
+    check_paths(cfg)
+    check_trainer(cfg.trainer)
     if cfg.tune.get("lr") is None and cfg.adapter.get("lr") is not None:
         cfg.tune.lr = cfg.adapter.lr  # each adapter tunes at its own recipe's lr unless tune.lr is set
     max_steps = cfg.trainer.get("max_steps", -1)
@@ -252,6 +276,15 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     for key, value in (("data.seqlen", p.corpus.seqlen), ("eval.seqlen", p.eval.seqlen)):
         if context is not None:
             require(value <= context, key, value, f"must be <= the model's context length {context}")
+    if p.eval.speed and context is not None:
+        total = p.eval.speed_prefill_tokens + p.eval.speed_decode_tokens
+        require(
+            total <= context,
+            "eval.speed_prefill_tokens",
+            p.eval.speed_prefill_tokens,
+            f"plus eval.speed_decode_tokens={p.eval.speed_decode_tokens} must be <= the model's context "
+            f"length {context}",
+        )
     adapter_shapes = None
     if p.structured:
         p.pruner.check_pattern(p.pattern, sparsity)
@@ -280,6 +313,7 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     check_teacher(p)
     check_devices(p)
     p.resume_from, p.resume_step = resume_checkpoint(p)
+    check_folder(p.output_dir, cfg.get("resume"), cfg.get("overwrite", False))
     if p.eval.zero_shot:  # last: the slowest check (it loads every task's dataset)
         p.tasks = load_tasks(p.eval.tasks, p.eval.tasks_optional, p.cache_dir)
     return p
@@ -532,7 +566,10 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     with watch("load"):
-        model, tokenizer = p.model.load()
+        try:
+            model, tokenizer = p.model.load()
+        except Exception as err:  # damaged weights (truncated, bad header), a broken tokenizer file...
+            raise RunError(f"the model {p.model.name} could not be loaded: {_one_line(err)}") from None
         tokens = TokenizedCorpus.build(p.corpus, tokenizer, p.cache_dir)
     log.info("Loaded %s; corpus %s tokens per part: %s", p.model.name, p.corpus.name, tokens.sizes())
     eval_windows = consecutive_windows(tokens.streams["evaluation"], p.eval.seqlen, p.eval.max_windows)
@@ -606,6 +643,7 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
                     watch=phases,
                     keeper=keeper,
                 )
+            check_empty_matrices(masks, p.pruner)
             if p.pruner.allocation == "uniform":
                 phases.times.pop("OWL outliers")
             prune_info["layer_targets"] = layer_targets
@@ -900,6 +938,17 @@ def _prune_structured(
     return StructuredOutcome(info, method.get("teacher"), dense_shapes, structure.layers_kept)
 
 
+def check_empty_matrices(masks: dict[str, torch.Tensor], pruner) -> None:
+    """A matrix pruned to nothing cannot be recovered by a sparsity-preserving adapter and usually means
+    the settings went too far: stop, unless ``pruner.allow_empty``."""
+    empty = [name for name, keep in masks.items() if not bool(keep.any())]
+    if empty and not pruner.allow_empty:
+        raise RunError(
+            f"pruner={pruner.name} pruned {len(empty)} whole matrices to zero (e.g. {empty[0]}); lower the "
+            "sparsity, or set pruner.allow_empty=true to keep such a model"
+        )
+
+
 def _ppl(entry: dict | None) -> float | None:
     return None if entry is None else entry["ppl"]
 
@@ -1000,7 +1049,11 @@ def run(
     try:
         p = plan(cfg, overrides)
     except ConfigError as err:
-        if record_bad_input:
-            record_failure(Path(cfg.paths.output_dir), cfg, command_line(overrides), err)
+        folder = Path(cfg.paths.output_dir)
+        if record_bad_input and previous_run(folder) is None:
+            record_failure(folder, cfg, command_line(overrides), err)
         raise
-    return execute(p, progress=progress)
+    if process_rank() != 0:  # an extra process of data-parallel tuning: the first one holds the folder
+        return execute(p, progress=progress)
+    with owned(p.output_dir, p.cfg, cfg.get("overwrite", False)):
+        return execute(p, progress=progress)

@@ -12,6 +12,7 @@ separate W&B runs. An offline run prints the ``wandb sync`` command that uploads
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
@@ -48,23 +49,43 @@ def wandb_logger(
     tags: list | None = None,
     stage: str | None = None,
     sweep: str | None = None,
+    init_timeout: float = 30.0,
     **kwargs,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger``; ``mode=auto`` goes online only when logged in. ``stage`` and
     ``sweep`` come from the run (what it does, the multirun it belongs to) and fill ``job_type=auto``
-    and ``group=null``."""
+    and ``group=null``. Online, the run is started here: when the server does not answer within
+    ``init_timeout`` seconds the run logs offline instead (``wandb sync`` uploads it later)."""
     require(mode in MODES, "logger.mode", mode, f"allowed: {', '.join(MODES)}")
     offline = mode == "offline" or (mode == "auto" and not wandb_logged_in())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
-        project=project,
-        save_dir=save_dir,
-        offline=offline,
-        group=group if group is not None else sweep,
-        job_type=stage if job_type in (None, "auto") else job_type,
-        tags=list(tags or []),
-        **kwargs,
-    )
+    import wandb
+
+    def build(offline: bool) -> WandbLogger:
+        settings = {} if offline else {"settings": wandb.Settings(init_timeout=init_timeout)}
+        return WandbLogger(
+            project=project,
+            save_dir=save_dir,
+            offline=offline,
+            group=group if group is not None else sweep,
+            job_type=stage if job_type in (None, "auto") else job_type,
+            tags=list(tags or []),
+            **settings,
+            **kwargs,
+        )
+
+    logger = build(offline)
+    if not offline:
+        try:
+            logger.experiment  # noqa: B018 (starts the online run now, within init_timeout)
+        except Exception as err:
+            log.warning(
+                "W&B did not start online (%s); logging offline instead", str(err).splitlines()[0][:200]
+            )
+            with contextlib.suppress(Exception):
+                wandb.finish(exit_code=1)
+            logger = build(True)
+    return logger
 
 
 def stage_of(prunes: bool, tunes: bool) -> str:

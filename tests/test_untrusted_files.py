@@ -111,3 +111,21 @@ def test_outputs_follow_the_umask(tmp_path):
         assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("flag", ["'false'", "'no'", "'off'", "'true'", "1", "'0'"])
+def test_remote_code_needs_the_boolean_true(tmp_path, flag):
+    """A folder whose config names its own code: a string or number flag is refused in the plan and the
+    folder's code never runs."""
+    from sppx.pipeline import plan
+    from tests.conftest import compose_config
+
+    folder, marker = tmp_path / "model", tmp_path / "ran"
+    folder.mkdir()
+    (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = {"model_type": "custom_x", "auto_map": {"AutoConfig": "custom.CustomConfig"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    overrides = ["model=hf", f"model.name_or_path={folder}", f"model.trust_remote_code={flag}"]
+    with pytest.raises(ConfigError, match=r"^model\.trust_remote_code=.*: must be true or false$"):
+        plan(compose_config(overrides, tmp_path / "run"))
+    assert not marker.exists()

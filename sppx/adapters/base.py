@@ -22,10 +22,20 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
 
+MAX_SCALE = 1e3  # alpha / r beyond this overflows float32 training within a step or two
+
+
 def check_scale_args(r, alpha, dropout) -> None:
     """The LoRA-style settings every low-rank adapter shares: rank r, scale alpha / r, dropout."""
     require(is_int(r) and r >= 1, "adapter.r", r, "must be an integer >= 1")
     require(is_number(alpha) and math.isfinite(alpha), "adapter.alpha", alpha, "must be a finite number")
+    require(
+        0 < alpha / r <= MAX_SCALE,
+        "adapter.alpha",
+        alpha,
+        f"gives the scale alpha / r = {alpha / r:g}, outside (0, {MAX_SCALE:g}]: 0 or less leaves the "
+        "weights unchanged or flips the update, a larger one overflows the first step",
+    )
     require(is_number(dropout) and 0 <= dropout < 1, "adapter.dropout", dropout, "must be a number in [0, 1)")
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
-from sppx.errors import ConfigError
+from sppx.errors import ConfigError, require
 from sppx.masking import MaskedLinear, apply_keep, forward_keep, student_weight
 from sppx.pruning.sequential import prunable_linears
 
@@ -85,6 +85,14 @@ class LowRankArgs(Adapter):
     def check_shapes(self, linears) -> None:
         if not linears:
             raise ConfigError("adapter.targets", self.targets, "match no Linear of the model")
+        name, (out_features, in_features) = min(linears.items(), key=lambda item: min(item[1]))
+        require(
+            self.r <= min(out_features, in_features),
+            "adapter.r",
+            self.r,
+            f"must be <= {min(out_features, in_features)}, the smaller side of {name} "
+            f"({out_features} x {in_features}): a larger rank adds parameters, not expressiveness",
+        )
 
 
 @dataclass
@@ -110,8 +118,9 @@ class LoRAAdapter(LowRankArgs):
         from peft import LoraConfig, inject_adapter_in_model
 
         model.requires_grad_(False)
-        names = list(prunable_linears(model, self.targets))
-        self.check_shapes(names)
+        linears = prunable_linears(model, self.targets)
+        self.check_shapes({n: tuple(m.weight.shape) for n, m in linears.items()})
+        names = list(linears)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
         inject_adapter_in_model(config, model)
         return names

@@ -23,6 +23,7 @@ def check_device(key: str, device) -> None:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(key, device, "must be null or a torch device such as cuda, cuda:1, cpu") from None
+    require(parsed.type in ("cpu", "cuda"), key, device, "must be null, cpu, cuda or cuda:<index>")
     if parsed.type == "cuda":
         count = torch.cuda.device_count()
         require(
@@ -45,6 +46,7 @@ class Pruner:
     owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds M x the block's mean
     owl_lambda: float = 0.08  # OWL: block sparsities span target +- lambda
     device: str | None = None  # where each block is pruned (the model stays where it was loaded)
+    allow_empty: bool = False  # a mask that prunes a whole matrix stops the run unless this is true
 
     name = "base"
     collects_stats = False  # True: statistics of each Linear's inputs are collected block by block

@@ -1,0 +1,129 @@
+"""Plan-time checks of the settings sppx passes on to others (Lightning's Trainer, the logger) and of the
+run's paths: each failure is one ConfigError line, before any weights are read."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sppx.errors import ConfigError, is_int, is_number, require
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """The Trainer settings Lightning would only refuse (with a traceback) once tuning starts."""
+    get = trainer.get
+    interval = get("val_check_interval", 1.0)
+    require(
+        interval is None
+        or (is_int(interval) and interval >= 1)
+        or (is_number(interval) and math.isfinite(interval) and 0 < interval <= 1),
+        "trainer.val_check_interval",
+        interval,
+        "must be an integer >= 1 (optimizer steps) or a fraction in (0, 1] of the training data",
+    )
+    accumulate = get("accumulate_grad_batches", 1)
+    require(
+        is_int(accumulate) and accumulate >= 1,
+        "trainer.accumulate_grad_batches",
+        accumulate,
+        "must be an integer >= 1",
+    )
+    clip = get("gradient_clip_val")
+    require(
+        clip is None or (is_number(clip) and math.isfinite(clip) and clip >= 0),
+        "trainer.gradient_clip_val",
+        clip,
+        "must be null or a finite number >= 0",
+    )
+    limit = get("limit_val_batches", 1.0)
+    require(
+        limit is None
+        or (is_int(limit) and limit >= 0)
+        or (is_number(limit) and math.isfinite(limit) and 0 <= limit <= 1),
+        "trainer.limit_val_batches",
+        limit,
+        "must be an integer >= 0 (batches) or a fraction in [0, 1]",
+    )
+    for key in ("log_every_n_steps", "num_sanity_val_steps"):
+        value = get(key, 0)
+        require(
+            value is None or (is_int(value) and value >= 0),
+            f"trainer.{key}",
+            value,
+            "must be an integer >= 0",
+        )
+
+
+def inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
+
+
+def check_paths(cfg: DictConfig) -> Path:
+    """``paths.output_dir`` must name a folder (not empty, not a file), ``paths.cache_dir`` a folder or
+    nothing yet; the logger writes inside the run folder. Returns the output folder."""
+    output = cfg.paths.get("output_dir")
+    require(
+        isinstance(output, str) and output.strip() not in ("", "."),
+        "paths.output_dir",
+        output,
+        "must name the run's own folder (not empty, not the current folder)",
+    )
+    output_dir = Path(output).expanduser()
+    require(
+        not output_dir.exists() or output_dir.is_dir(), "paths.output_dir", output, "is a file, not a folder"
+    )
+    cache = cfg.paths.get("cache_dir")
+    if cache is not None:
+        require(
+            isinstance(cache, str) and cache.strip() != "",
+            "paths.cache_dir",
+            cache,
+            "must be null or a folder",
+        )
+        cache_dir = Path(cache).expanduser()
+        require(
+            not cache_dir.exists() or cache_dir.is_dir(), "paths.cache_dir", cache, "is a file, not a folder"
+        )
+        existing = next((p for p in [cache_dir, *cache_dir.parents] if p.exists()), None)
+        require(
+            existing is not None and os.access(existing, os.W_OK),
+            "paths.cache_dir",
+            cache,
+            f"cannot be written ({existing} is not writable)",
+        )
+    check_logger_paths(cfg.logger, output_dir)
+    return output_dir
+
+
+def check_logger_paths(logger: DictConfig, output_dir: Path) -> None:
+    """A logger writes under ``save_dir/name/version``: all of it inside the run folder."""
+    save_dir = logger.get("save_dir")
+    if save_dir is None:
+        return
+    require(isinstance(save_dir, str), "logger.save_dir", save_dir, "must be a folder inside the run folder")
+    require(
+        inside(Path(save_dir).expanduser(), output_dir),
+        "logger.save_dir",
+        save_dir,
+        f"must be inside the run folder {output_dir} (metrics belong with their run)",
+    )
+    parts = [save_dir]
+    for key in ("name", "version"):
+        value = logger.get(key)
+        if value is None or value == "":
+            continue
+        require(isinstance(value, (str, int)), f"logger.{key}", value, "must be a name or a number")
+        text = str(value)
+        require(
+            not Path(text).is_absolute() and ".." not in Path(text).parts,
+            f"logger.{key}",
+            value,
+            "must be a plain name inside the run folder (no '..', no absolute path)",
+        )
+        parts.append(text)
+    if not inside(Path(*parts).expanduser(), output_dir):
+        raise ConfigError("logger", "/".join(parts), f"must write inside the run folder {output_dir}")
