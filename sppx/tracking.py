@@ -62,7 +62,7 @@ def wandb_logger(
     import wandb
 
     def build(offline: bool) -> WandbLogger:
-        settings = {} if offline else {"settings": wandb.Settings(init_timeout=init_timeout)}
+        settings = {"mode": "offline"} if offline else {"settings": wandb.Settings(init_timeout=init_timeout)}
         return WandbLogger(
             project=project,
             save_dir=save_dir,

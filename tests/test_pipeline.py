@@ -264,3 +264,22 @@ def test_a_missing_instruction_file_fails_in_plan(tmp_path, text_file):
     )
     with pytest.raises(ConfigError, match=r"data\.tuning"):
         plan(cfg)
+
+
+def test_wandb_online_without_a_server_logs_offline_after_the_timeout(tmp_path, monkeypatch):
+    import wandb
+
+    from sppx.tracking import wandb_logger
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # Lightning leaves "dryrun" there after an offline run
+    wandb.teardown()  # and wandb keeps the settings of its first run in this process
+    logger = wandb_logger(mode="online", save_dir=str(tmp_path), init_timeout=3)
+    try:
+        assert logger._offline
+        logger.experiment.log({"x": 1.0})
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+    finally:
+        wandb.finish()

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from sppx.errors import ConfigError
+from sppx.errors import ConfigError, RunError
 from sppx.loaders import tuning_loader
 from sppx.pipeline import plan, run
 from tests.conftest import compose_config, tiny_run_overrides
@@ -136,3 +136,16 @@ def test_the_tuning_loader_keeps_the_shuffle_resumes_mid_epoch_and_splits_batche
         slices.append([b[0].tolist() for b in tuning_loader(data, 4, seed=7, trainer=t)])
     assert [sorted(a + b) for a, b in zip(*slices, strict=True)] == [sorted(b) for b in expected[:5]]
     assert all(len(b) == 2 for b in slices[0])
+
+
+def test_a_checkpoint_missing_an_adapter_tensor_ends_in_one_line(tmp_path, text_file):
+    overrides = [*resume_overrides(text_file, "none"), "trainer.max_steps=4"]
+    run(compose_config(overrides, tmp_path / "a"), progress=False)
+    path = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["state_dict"].pop(sorted(state["state_dict"])[0])
+    torch.save(state, path)
+    with pytest.raises(
+        RunError, match=r"^the checkpoint does not hold this adapter: 1 trainable tensors missing"
+    ):
+        run(compose_config([*overrides, "resume=true"], tmp_path / "a"), progress=False)
