@@ -141,3 +141,38 @@ def read_json_cache(path: Path, valid) -> object | None:
     log.warning("cache file %s is rebuilt: its content is not what sppx writes there", path)
     discard_cache(path)
     return None
+
+
+MANIFEST = "sppx-manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file in ``folder`` in its manifest (written last)."""
+    folder = Path(folder)
+    digests = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(folder / MANIFEST, digests)
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_matches(folder: Path, names: list[str] | None = None) -> bool:
+    """Whether ``folder``'s files (or only ``names``) still have the digests its manifest records; a
+    folder without a manifest, or with a file missing, does not match."""
+    folder = Path(folder)
+    try:
+        digests = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(digests, dict) or not digests:
+        return False
+    for name in names if names is not None else list(digests):
+        path = folder / name
+        if name not in digests or not path.is_file() or file_digest(path) != digests[name]:
+            return False
+    return True

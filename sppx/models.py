@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from sppx.errors import ConfigError, is_int, require
-from sppx.files import make_temp_folder
+from sppx.files import make_temp_folder, manifest_matches, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +220,19 @@ class EmbeddedModel:
         return folder, spec.gguf_file
 
     def model_config(self) -> PretrainedConfig:
-        if (self.cache_path / "config.json").is_file():
+        if manifest_matches(self.cache_path, ["config.json"]):
             return AutoConfig.from_pretrained(self.cache_path)
         folder, gguf_file = self._gguf_location()
         return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        if not (self.cache_path / "model.safetensors").is_file():
+        """The fp32 cache, used only when every file has the digest recorded when it was written (a
+        damaged or edited cache is converted again)."""
+        if not manifest_matches(self.cache_path):
+            if self.cache_path.exists():
+                log.warning(
+                    "the model cache %s does not match its manifest: converting again", self.cache_path
+                )
             self._convert()
         model = load_pretrained(self.cache_path, self.dtype)
         return model, AutoTokenizer.from_pretrained(self.cache_path)
@@ -247,7 +253,8 @@ class EmbeddedModel:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if self.cache_path.exists():  # a stale or partial cache from an older version
+            write_manifest(tmp)
+            if self.cache_path.exists():  # a stale, partial or damaged cache
                 shutil.rmtree(self.cache_path)
             tmp.rename(self.cache_path)
         finally:

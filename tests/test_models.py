@@ -33,3 +33,9 @@ def test_embedded_model_converts_once_to_an_fp32_cache(tmp_path):
     again, _ = EmbeddedModel(cache_dir=str(tmp_path)).load()  # from the cache now
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    # A damaged cache (truncated weights) is not believed: it is converted again, to the same model.
+    weights = source.cache_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    third, _ = EmbeddedModel(cache_dir=str(tmp_path)).load()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, third(input_ids=ids).logits)
