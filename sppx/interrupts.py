@@ -91,12 +91,14 @@ class SignalGuard:
 
 
 class StopOnSignal(pl.Callback):
-    """Ends tuning at a step boundary once the guard has received a signal: writes ``checkpoint`` (the
-    adapter's state, as the periodic checkpoints do) and raises ``Interrupted``."""
+    """Ends tuning at a step boundary once the guard has received a signal: at the end of that step it
+    writes ``checkpoint`` (the adapter's state, as the periodic checkpoints do); when the next step (or
+    a validation) would start, after the finished step's metrics are logged, it raises ``Interrupted``."""
 
     def __init__(self, guard: SignalGuard, checkpoint: Path):
         self.guard = guard
         self.checkpoint = Path(checkpoint)
+        self.saved_step: int | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning's own SIGTERM handler only acts at the end of an epoch (one epoch is the whole run
@@ -105,16 +107,21 @@ class StopOnSignal(pl.Callback):
         if trainer.world_size == 1:
             self.guard.install()
 
-    def _stop(self, trainer) -> None:
-        if self.guard.received is None:
-            return
+    def save(self, trainer) -> None:
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.checkpoint)  # every process calls it; the first one writes
-        raise Interrupted(self.guard.received, step=int(trainer.global_step), checkpoint=self.checkpoint)
+        self.saved_step = int(trainer.global_step)
+
+    def stop(self) -> None:
+        if self.saved_step is not None:
+            raise Interrupted(self.guard.received, step=self.saved_step, checkpoint=self.checkpoint)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._stop(trainer)
+        if self.guard.received is not None and self.saved_step is None:
+            self.save(trainer)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._stop(trainer)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stop()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.stop()

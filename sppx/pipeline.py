@@ -63,7 +63,7 @@ from sppx.results import RESULTS_FILE
 from sppx.run_folder import check_folder, owned, previous_run
 from sppx.speed import PROMPT_TOKENS, compare_speeds
 from sppx.teachers import NoTeacher
-from sppx.tracking import current_sweep, finish_wandb, publish, stage_of
+from sppx.tracking import current_sweep, finish_wandb, keep_csv_history, publish, stage_of
 from sppx.zeroshot import Tasks, evaluate_tasks, load_tasks, mean_accuracy
 
 log = logging.getLogger(__name__)
@@ -563,6 +563,8 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
     p.output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(p.seed, verbose=False)
     logger = build(cfg.logger, "logger", **_logger_context(p))
+    if p.resume_from is not None:
+        keep_csv_history(logger, p.resume_step)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     with watch("load"):
@@ -798,6 +800,7 @@ def _logger_context(p: Plan) -> dict:
     context = {
         "stage": stage_of(not isinstance(p.pruner, NoPruner), p.tunes),
         "sweep": current_sweep(),
+        "resuming": p.resume_from is not None and p.resume_from.parent.parent == p.output_dir,
     }
     return {k: v for k, v in context.items() if k in accepted}
 
@@ -976,7 +979,8 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher, g
     ):
         callbacks.append(TQDMProgressBar())  # one style of bar for every stage
     checkpoints = p.output_dir / CHECKPOINT_DIR
-    callbacks.append(StopOnSignal(guard, checkpoints / "last.ckpt"))
+    stopper = StopOnSignal(guard, checkpoints / "last.ckpt")
+    callbacks.append(stopper)
     if p.tune.checkpoint_every:  # adapter-only state (TuneModule.on_save_checkpoint), one file kept
         callbacks.append(
             ModelCheckpoint(
@@ -1009,9 +1013,10 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher, g
             )
     except FloatingPointError as err:
         raise RunError(f"tuning stopped: {err}; {describe_checkpoint(checkpoints)}") from None
-    if guard.received is not None:  # a signal after the last step: tuning is done, the run stops here
-        last = checkpoints / "last.ckpt"
-        raise Interrupted(guard.received, int(trainer.global_step), last if last.is_file() else None)
+    if guard.received is not None:  # a signal at the last step: tuning is done, the run stops here
+        if stopper.saved_step is None:
+            stopper.save(trainer)
+        stopper.stop()
     model.eval()
     times = sorted(module.step_times)
     return {

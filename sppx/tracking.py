@@ -13,19 +13,24 @@ separate W&B runs. An offline run prints the ``wandb sync`` command that uploads
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import netrc
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from sppx.errors import require
+from sppx.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline")
+RUN_ID_FILE = "sppx-run-id"
 
 
 def wandb_logged_in() -> bool:
@@ -50,18 +55,30 @@ def wandb_logger(
     stage: str | None = None,
     sweep: str | None = None,
     init_timeout: float = 30.0,
+    resuming: bool = False,
     **kwargs,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger``; ``mode=auto`` goes online only when logged in. ``stage`` and
     ``sweep`` come from the run (what it does, the multirun it belongs to) and fill ``job_type=auto``
     and ``group=null``. Online, the run is started here: when the server does not answer within
-    ``init_timeout`` seconds the run logs offline instead (``wandb sync`` uploads it later)."""
+    ``init_timeout`` seconds the run logs offline instead (``wandb sync`` uploads it later). The run's
+    id is kept in ``<save_dir>/wandb/sppx-run-id``: a resumed run (``resuming``) continues the same W&B
+    run instead of starting a new one."""
     require(mode in MODES, "logger.mode", mode, f"allowed: {', '.join(MODES)}")
     offline = mode == "offline" or (mode == "auto" and not wandb_logged_in())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     import wandb
 
-    def build(offline: bool) -> WandbLogger:
+    id_file = Path(save_dir) / "wandb" / RUN_ID_FILE
+    run_id = kwargs.pop("id", None) or (
+        id_file.read_text().strip() if resuming and id_file.is_file() else None
+    )
+
+    def build(offline: bool, new_id: bool = False) -> WandbLogger:
+        nonlocal run_id
+        if not run_id or new_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            write_text_atomic(id_file, run_id + "\n")
         settings = {"mode": "offline"} if offline else {"settings": wandb.Settings(init_timeout=init_timeout)}
         return WandbLogger(
             project=project,
@@ -70,6 +87,7 @@ def wandb_logger(
             group=group if group is not None else sweep,
             job_type=stage if job_type in (None, "auto") else job_type,
             tags=list(tags or []),
+            id=run_id,
             **settings,
             **kwargs,
         )
@@ -84,8 +102,28 @@ def wandb_logger(
             )
             with contextlib.suppress(Exception):
                 wandb.finish(exit_code=1)
-            logger = build(True)
+            logger = build(True, new_id=True)  # the failed start keeps its id busy in this process
     return logger
+
+
+def keep_csv_history(logger, before_step: int) -> None:
+    """Lightning's CSV logger starts ``metrics.csv`` afresh in a folder that has one; a resumed run keeps
+    the rows of the steps before its checkpoint, and the new rows are appended after them."""
+    if not isinstance(logger, CSVLogger):
+        return
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        keys = sorted(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < before_step]
+    writer = logger.experiment  # creating it removes the old file
+    with open(path, "w", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = keys
 
 
 def stage_of(prunes: bool, tunes: bool) -> str:

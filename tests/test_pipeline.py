@@ -283,3 +283,21 @@ def test_wandb_online_without_a_server_logs_offline_after_the_timeout(tmp_path, 
         assert list((tmp_path / "wandb").glob("offline-run-*"))
     finally:
         wandb.finish()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeypatch):
+    from sppx.interrupts import Interrupted
+
+    offline_wandb(monkeypatch, tmp_path)
+    overrides = tiny_run_overrides(text_file, logger="wandb", export="false", **{"trainer.max_steps": 4})
+    stop = "[{_target_:tests.test_signals.SignalAtStep,step:2,signum:15}]"
+    with pytest.raises(Interrupted):
+        run(compose_config([*overrides, f"trainer.callbacks={stop}"], tmp_path), progress=False)
+    # A resume is a new process (and wandb refuses an id its process has used).
+    proc = run_py(
+        *overrides, "resume=true", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1  # one run id across the resume

@@ -2,6 +2,7 @@
 no temporary folder or complete-looking model is left, tuning stops at a step boundary with a checkpoint
 that resumes to exactly the uninterrupted result, and run.py exits with 128 + the signal's number."""
 
+import csv
 import json
 import os
 import signal
@@ -79,7 +80,8 @@ def test_a_signal_in_any_stage_is_recorded_as_interrupted(tmp_path, text_file, m
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_tuning_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, text_file, signum):
-    overrides = tiny_run_overrides(text_file, **{"trainer.max_steps": 6, "data.val_windows": 2})
+    steps = {"trainer.max_steps": 6, "data.val_windows": 2, "trainer.log_every_n_steps": 1}
+    overrides = tiny_run_overrides(text_file, **steps)
     whole = run(compose_config(overrides, tmp_path / "whole"), progress=False)
 
     out, cache = tmp_path / "stopped", tmp_path / "whole" / "cache"
@@ -100,6 +102,17 @@ def test_tuning_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
     a = load_file(tmp_path / "whole" / "adapter" / "adapter.safetensors")
     b = load_file(out / "adapter" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The metrics history survives the resume: every step's loss, once, as the uninterrupted run logged it.
+    assert train_losses(out) == train_losses(tmp_path / "whole")
+    assert sorted(train_losses(out)) == list(range(6))
+
+
+def train_losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), steps
+    return {int(r["step"]): r["train/loss"] for r in rows}
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
