@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from sppx.provenance import base_model, without_paths
+
 METHODS = {
     "magnitude": "magnitude pruning (|W|, one threshold per matrix)",
     "wanda": "Wanda (|W| x input-feature norm, per output row)",
@@ -52,20 +54,64 @@ def loading_lines(structured: dict | None) -> list[str]:
     ]
 
 
+def card_metadata(results: dict, title: str) -> str:
+    """The card's YAML header as the Hub reads it: base model and license where known, tags, the hub
+    dataset when the run used one, and a model-index with the final perplexity."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ch, ppl = results["choices"], results["ppl"]
+    structured = (results.get("prune") or {}).get("structure")
+    base, license_ = base_model(ch["model"])
+    data_path = ((results.get("config") or {}).get("data") or {}).get("path")
+    kind = "structured-pruning" if structured else "sparse"
+    tags = ["sppx", "pruning", kind, f"pruner-{ch['pruner']}", f"adapter-{ch['adapter']}"]
+    evals = []
+    if ppl.get("final") is not None:
+        evals.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=data_path or ch["data"],
+                dataset_name=f"{ch['data']} (evaluation part)",
+                metric_type="perplexity",
+                metric_value=round(float(ppl["final"]), 4),
+                metric_name=f"perplexity, {ppl['windows']} windows of {ppl['seqlen']} tokens",
+            )
+        )
+    data = ModelCardData(
+        base_model=base,
+        license=license_,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=[data_path] if data_path else None,
+        model_name=title if evals else None,
+        eval_results=evals or None,
+    )
+    return data.to_yaml()
+
+
 def model_card(results: dict) -> str:
     """Markdown: what was done, the measured numbers, the measured sparsity per module type, the
     resolved config and the command that reproduces it (from a run's results)."""
-    ch, ppl, sp, params = results["choices"], results["ppl"], results["sparsity"], results["params"]
+    ch, ppl, sp, params = (
+        without_paths(results["choices"]),
+        results["ppl"],
+        results["sparsity"],
+        results["params"],
+    )
     structured = (results.get("prune") or {}).get("structure")
+    title = f"{ch['model']}, {ch['pruner']} {sp['pattern']}, {ch['adapter']} recovery"
+    made = results.get("sppx") or {}
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [sppx, pruning, " + ("structured-pruning" if structured else "sparse") + "]",
+        card_metadata(results, title).rstrip(),
         "---",
         "",
-        f"# {ch['model']}, {ch['pruner']} {sp['pattern']}, {ch['adapter']} recovery",
+        f"# {title}",
         "",
         *loading_lines(structured),
+        "",
+        f"sppx {made.get('version', '?')}" + (f", commit {made['commit']}" if made.get("commit") else ""),
         "",
         "## Method",
         "",
@@ -154,7 +200,7 @@ def model_card(results: dict) -> str:
         )
     lines += ["", "## Reproduce", ""]
     if results.get("command"):
-        lines += ["From a checkout of sppx:", "", "```", results["command"], "```"]
+        lines += ["From a checkout of sppx:", "", "```", without_paths(results["command"]), "```"]
     else:
         lines.append("The run was not started from the command line; its resolved config is below.")
     lines += [
@@ -162,7 +208,7 @@ def model_card(results: dict) -> str:
         "## Config",
         "",
         "```yaml",
-        yaml.safe_dump(results["config"], sort_keys=False, default_flow_style=None).rstrip(),
+        yaml.safe_dump(without_paths(results["config"]), sort_keys=False, default_flow_style=None).rstrip(),
         "```",
         "",
     ]

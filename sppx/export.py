@@ -137,8 +137,12 @@ def save_model(
     complete-looking folder."""
     directory = Path(directory)
     tmp = make_temp_folder(directory)
+    use_cache = model.config.use_cache
     try:
+        # The loaded model's own setting: whoever generates with the export gets the KV cache.
+        model.config.use_cache = getattr(model, "sppx_use_cache", True)
         model.save_pretrained(tmp, safe_serialization=True)
+        model.config.use_cache = use_cache
         tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -151,5 +155,6 @@ def save_model(
             shutil.rmtree(directory)
         tmp.rename(directory)
     finally:
+        model.config.use_cache = use_cache
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -55,6 +55,7 @@ from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig, TuneModule
 from sppx.profiling import PeakMemory, Stopwatch, release_freed_memory
+from sppx.provenance import sppx_provenance
 from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
 from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import DenseKeeper, prunable_linears
@@ -724,6 +725,7 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
     results = {
         "status": "complete",
         "command": p.command,
+        "sppx": sppx_provenance(),
         "ppl": {
             "dense": _ppl(ppl["dense"]),
             "pruned": _ppl(ppl["pruned"]),

@@ -36,8 +36,8 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((two_dir / "results.json").read_text())
     assert two["status"] == "complete" and two["tune"]["steps"] == one["tune"]["steps"] == 3
-    a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
-    b = load_file(two_dir / "adapter" / "adapter.safetensors")
+    a = load_file(tmp_path / "one" / "adapter" / "sppx_adapter.safetensors")
+    b = load_file(two_dir / "adapter" / "sppx_adapter.safetensors")
     assert a.keys() == b.keys()
     # The same global batches and averaged gradients: equal up to the order of float sums (gloo's
     # all-reduce). Adam divides by sqrt(v), so an element whose gradient is near zero can turn such a

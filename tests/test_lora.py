@@ -91,7 +91,16 @@ def test_lora_merges_densely_through_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, unmerged, rtol=1e-4, atol=1e-4)
     assert all(type(lin) is nn.Linear for lin in prunable_linears(model, TARGETS).values())
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["type"] == "lora"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    # peft's own loader reads it (onto the pruned model it was tuned on) and merges to the same weights.
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(pruned_tiny(), str(tmp_path / "adapter")).merge_and_unload()
+    for (name, a), b in zip(
+        prunable_linears(model, TARGETS).items(), prunable_linears(peft_model, TARGETS).values(), strict=True
+    ):
+        torch.testing.assert_close(a.weight, b.weight, msg=name)
 
     # The saved adapter rebuilds the same merge on a fresh copy of the pruned model.
     fresh = pruned_tiny()

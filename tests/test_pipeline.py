@@ -69,7 +69,8 @@ def test_full_run_writes_complete_results_and_a_reloadable_model(tmp_path, text_
     for name in on_disk["sparsity"]["per_module"]:
         w = reloaded.get_submodule(name).weight
         assert int((w == 0).sum()) == w.numel() // 2
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "adapter" / "sppx_adapter.json").is_file()
+    assert not (tmp_path / "run" / "adapter" / "adapter_config.json").exists()  # not peft's format
     assert (tmp_path / "run" / "csv" / "metrics.csv").read_text().count("train/loss") == 1
 
 

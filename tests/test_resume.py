@@ -73,8 +73,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, text_file, t
     assert resumed["tune"]["resumed_after_step"] == 4 and resumed["tune"]["steps"] == 8
     # Exactly the uninterrupted run's result (CPU, same seed): tolerance zero.
     assert resumed["ppl"] == whole["ppl"]
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter.safetensors")
-    b = load_file(killed / "adapter" / "adapter.safetensors")
+    a = load_file(tmp_path / "whole" / "adapter" / "sppx_adapter.safetensors")
+    b = load_file(killed / "adapter" / "sppx_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if teacher == "numerous":
         assert resumed["teacher"]["schedule"] == whole["teacher"]["schedule"]

@@ -99,8 +99,8 @@ def test_tuning_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
     resumed = run(compose_config([*overrides, "resume=true"], out, cache_dir=cache), progress=False)
     assert resumed["tune"]["resumed_after_step"] == 3 and resumed["tune"]["steps"] == 6
     assert resumed["ppl"] == whole["ppl"]
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter.safetensors")
-    b = load_file(out / "adapter" / "adapter.safetensors")
+    a = load_file(tmp_path / "whole" / "adapter" / "sppx_adapter.safetensors")
+    b = load_file(out / "adapter" / "sppx_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The metrics history survives the resume: every step's loss, once, as the uninterrupted run logged it.
     assert train_losses(out) == train_losses(tmp_path / "whole")

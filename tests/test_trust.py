@@ -18,6 +18,7 @@ from sppx.errors import RunError
 from sppx.export import SparsityViolation
 from sppx.files import write_text_atomic
 from sppx.pipeline import run
+from sppx.provenance import without_paths
 from tests.conftest import compose_config, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_a_finished_run_keeps_an_adapter_only_checkpoint(tmp_path, text_file):
     results = run(compose_config(overrides, tmp_path), progress=False)
     state = torch.load(results["tune"]["checkpoint"], map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
-    adapter = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    adapter = load_file(tmp_path / "adapter" / "sppx_adapter.safetensors")
     saved = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     assert len(saved) == len(adapter) == 28
     assert all(any(name.endswith(k) for name in saved) for k in adapter)
@@ -164,6 +165,18 @@ def test_the_export_has_a_model_card_and_only_safetensors_weights(tmp_path, text
     assert "Wanda" in card and "SPP" in card and "sparsity: 0.5" in card  # method and the config
     assert f"{results['sparsity']['zeros_verified']:,} pruned weights" in card
     assert "not started from the command line" in card  # run() was given no overrides
+    # The Hub reads its metadata; the machine's folders stay on the machine.
+    from huggingface_hub import ModelCard
+    from transformers import AutoConfig
+
+    meta = ModelCard.load(model_dir / "README.md").data
+    assert "sppx" in meta.tags and meta.library_name == "transformers"
+    assert meta.eval_results[0].metric_type == "perplexity"
+    assert meta.eval_results[0].metric_value == pytest.approx(results["ppl"]["final"], rel=1e-4)
+    assert str(tmp_path) not in card and "<path>/" in card
+    assert results["sppx"]["version"] and f"sppx {results['sppx']['version']}" in card
+    # Tuning ran without a KV cache; the export generates with the model's own setting.
+    assert AutoConfig.from_pretrained(model_dir).use_cache is True
 
 
 def test_the_model_card_gives_the_command_that_reproduces_the_run(tmp_path, text_file):
@@ -171,7 +184,7 @@ def test_the_model_card_gives_the_command_that_reproduces_the_run(tmp_path, text
     results = run(compose_config(overrides, tmp_path), progress=False, overrides=overrides)
     card = (Path(results["model_dir"]) / "README.md").read_text()
     assert results["command"].startswith("python run.py model=tiny-llama data=text")
-    assert f"```\n{results['command']}\n```" in card
+    assert f"```\n{without_paths(results['command'])}\n```" in card and str(tmp_path) in results["command"]
 
 
 def source_files() -> list[Path]:

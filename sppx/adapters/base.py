@@ -18,8 +18,12 @@ from sppx.masking import MaskedLinear
 from sppx.pruning.base import PROJECTIONS
 from sppx.pruning.sequential import prunable_linears, replace_module
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
+# sppx's own adapters (SPP, masked LoRA) under names no other tool claims; LoRA is saved in peft's format
+# (adapter_config.json + adapter_model.safetensors), which PeftModel.from_pretrained loads.
+CONFIG_FILE = "sppx_adapter.json"
+WEIGHTS_FILE = "sppx_adapter.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 MAX_SCALE = 1e3  # alpha / r beyond this overflows float32 training within a step or two
@@ -113,7 +117,7 @@ class Adapter:
         return {}
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        """``adapter_config.json`` (which rebuilds this adapter) beside ``adapter.safetensors``."""
+        """``sppx_adapter.json`` (which rebuilds this adapter) beside ``sppx_adapter.safetensors``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps({"type": self.name, **asdict(self)}, indent=2))
@@ -170,11 +174,16 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     """Rebuild the adapter from its saved config, wrap ``model`` with it and load its weights."""
     from sppx.adapters import ADAPTERS
 
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    directory = Path(directory)
+    if (directory / PEFT_CONFIG_FILE).is_file() and not (directory / CONFIG_FILE).is_file():
+        from sppx.adapters.lora import load_peft_lora
+
+        return load_peft_lora(model, directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
     kind = config.pop("type")
     adapter = ADAPTERS[kind](**config)
     names = adapter.apply(model)
-    weights_path = Path(directory) / WEIGHTS_FILE
+    weights_path = directory / WEIGHTS_FILE
     if names:
         saved = load_file(str(weights_path))
         with torch.no_grad():

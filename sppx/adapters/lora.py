@@ -7,14 +7,24 @@ multiplies the update by W's keep-mask, W' = W + s * (B A) * mask, so every zero
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sppx.adapters.base import Adapter, WrappingAdapter, check_scale_args, replace_module
+from sppx.adapters.base import (
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    Adapter,
+    WrappingAdapter,
+    check_scale_args,
+    replace_module,
+)
 from sppx.errors import ConfigError, require
 from sppx.masking import MaskedLinear, apply_keep, forward_keep, student_weight
 from sppx.pruning.sequential import prunable_linears
@@ -141,6 +151,30 @@ class LoRAAdapter(LowRankArgs):
         for mod in self.wrapped(model).values():
             mod.enable_adapters(enabled)
 
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """peft's own format: ``PeftModel.from_pretrained(<the pruned model>, directory)`` loads it."""
+        from peft import LoraConfig
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = list(self.wrapped(model))
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=names,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+        )
+        config.save_pretrained(str(directory))
+        state = {
+            f"{PEFT_PREFIX}{name}.lora_{part}.weight": t.detach().cpu().contiguous()
+            for name, mod in self.wrapped(model).items()
+            for part in ("A", "B")
+            for t in [getattr(mod, f"lora_{part}")["default"].weight]
+        }
+        save_file(state, str(directory / PEFT_WEIGHTS_FILE))
+
     @torch.no_grad()
     def merge(self, model: nn.Module) -> list[str]:
         merged = []
@@ -154,3 +188,27 @@ class LoRAAdapter(LowRankArgs):
         if hasattr(model, "peft_config"):  # left by peft's injection; the model is plain again
             del model.peft_config
         return merged
+
+
+PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules in its files
+
+
+def load_peft_lora(model: nn.Module, directory: Path) -> LoRAAdapter:
+    """Inject a LoRA saved in peft's format into ``model`` (the pruned model it was tuned on)."""
+    config = json.loads((Path(directory) / PEFT_CONFIG_FILE).read_text())
+    names = list(config["target_modules"])
+    adapter = LoRAAdapter(
+        targets=sorted({n.rsplit(".", 1)[-1] for n in names}),
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config["lora_dropout"],
+    )
+    adapter.apply(model)
+    saved = load_file(str(Path(directory) / PEFT_WEIGHTS_FILE))
+    with torch.no_grad():
+        for name, mod in adapter.wrapped(model).items():
+            for part in ("A", "B"):
+                getattr(mod, f"lora_{part}")["default"].weight.copy_(
+                    saved[f"{PEFT_PREFIX}{name}.lora_{part}.weight"]
+                )
+    return adapter
