@@ -81,11 +81,36 @@ def row_of(run_dir: Path, results: dict, root: Path) -> dict:
     }
 
 
-def collect(root: Path) -> tuple[list[dict], list[dict]]:
-    """(rows, the results they came from) for every run below ``root``."""
+def setting_of(results: dict, key: str):
+    """A run's value of a setting named as on the command line: a config group's choice (``pruner``)
+    or a dotted config key (``tune.lr``)."""
+    if "." not in key and key in (results.get("choices") or {}):
+        return results["choices"][key]
+    value = results.get("config") or {}
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value if not isinstance(value, (dict, list)) else str(value)
+
+
+def collect(root: Path, params: list[str] = ()) -> tuple[list[dict], list[dict]]:
+    """(rows, the results they came from) for every run below ``root``; ``params``: settings (swept or
+    searched) that get a column each."""
     root = Path(root)
     found = find_results(root)
-    return [row_of(d, r, root) for d, r in found], [r for _, r in found]
+    rows = []
+    for run_dir, results in found:
+        row = row_of(run_dir, results, root)
+        row.update({key: setting_of(results, key) for key in params if key not in row})
+        rows.append(row)
+    return rows, [r for _, r in found]
+
+
+def columns(params: list[str] = ()) -> list[tuple[str, str]]:
+    """The table's columns: the run, its swept or searched settings, then the fixed ones."""
+    fixed = {k for k, _ in COLUMNS}
+    return [COLUMNS[0], *((k, k) for k in params if k not in fixed), *COLUMNS[1:]]
 
 
 def _cell(value) -> str:
@@ -100,17 +125,17 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], params: list[str] = ()) -> str:
     """The rows as a Markdown table (columns that are empty in every row are left out)."""
-    keys = [(k, h) for k, h in COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
+    keys = [(k, h) for k, h in columns(params) if any(r.get(k) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(h for _, h in keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_cell(r.get(k)) for k, _ in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, params: list[str] = ()) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[k for k, _ in COLUMNS])
+        writer = csv.DictWriter(fh, fieldnames=[k for k, _ in columns(params)], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -224,14 +249,15 @@ def plot_layer_sparsity(rows: list[dict], results: list[dict], path: Path) -> bo
     return True
 
 
-def write_report(rows: list[dict], results: list[dict], out_dir: Path) -> list[Path]:
-    """summary.md, summary.csv and the plots into ``out_dir``; returns the files written."""
+def write_report(rows: list[dict], results: list[dict], out_dir: Path, params: list[str] = ()) -> list[Path]:
+    """summary.md, summary.csv and the plots into ``out_dir``; returns the files written. ``params``:
+    the swept or searched settings, a column each."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = sum(r["status"] == "complete" for r in rows)
     header = f"{len(rows)} runs: {done} complete, {len(rows) - done} failed or interrupted.\n\n"
-    (out_dir / "summary.md").write_text(header + markdown_table(rows) + "\n")
-    write_csv(rows, out_dir / "summary.csv")
+    (out_dir / "summary.md").write_text(header + markdown_table(rows, params) + "\n")
+    write_csv(rows, out_dir / "summary.csv", params)
     written = [out_dir / "summary.md", out_dir / "summary.csv"]
     for name, made in (
         ("ppl_vs_sparsity.png", lambda p: plot_ppl_vs_sparsity(rows, p)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -39,12 +40,14 @@ def sweep_keys_of(sweep_dir: str) -> frozenset[str]:
     return frozenset(keys)
 
 
-def job_dirname(overrides, sweep_dir: str | None = None) -> str:
+def job_dirname(overrides, sweep_dir: str | None = None, params=None) -> str:
     """A sweep job's folder name: its values of the swept keys (all its overrides when none are known),
     ``key=value`` joined by commas, as one path component (``/`` in values becomes ``_``), shortened with
-    a hash of the whole when too long."""
+    a hash of the whole when too long. ``params``: a search sweeper's parameters (Optuna's trials are
+    named by them; that sweeper writes no multirun.yaml)."""
     items = [str(o) for o in overrides]
     keys = sweep_keys_of(str(sweep_dir)) if sweep_dir else frozenset()
+    keys = keys | {str(k) for k in (params or {})}
     if keys:
         items = [o for o in items if o.lstrip("+~").split("=", 1)[0] in keys] or items
     name = ",".join(items).replace("/", "_") or "defaults"
@@ -63,13 +66,21 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         root = Path(config.hydra.sweep.dir)
-        rows, results = collect(root)
+        keys = swept_keys(list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or []))
+        keys |= {str(k) for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})}
+        rows, results = collect(root, sorted(keys))
         if not rows:
             return
-        write_report(rows, results, root)
+        write_report(rows, results, root, sorted(keys))
         failed = [r for r in rows if r["status"] != "complete"]
         log.info(
             "sweep: %d of %d jobs complete; table and plots in %s", len(rows) - len(failed), len(rows), root
         )
         for r in failed:
             log.warning("sweep: %s %s: %s", r["run"], r["status"], r["error"])
+        if failed:  # the command fails when a job did: scripts and schedulers see it
+            print(
+                f"sppx: error: {len(failed)} of {len(rows)} jobs failed: {', '.join(r['run'] for r in failed)}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)

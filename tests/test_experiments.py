@@ -68,6 +68,14 @@ def test_the_optuna_search_composes_and_two_trials_run_on_the_tiny_model(tmp_pat
         "teacher.hidden_weight",
     }
     assert (sweep / "summary.md").read_text().startswith("2 runs: 2 complete")
+    # Trial folders are named by the searched parameters only; the summary has a column for each.
+    params = ["adapter.rows", "teacher.hidden_weight", "teacher.kl_weight", "tune.lr"]
+    for path in sweep.rglob("results.json"):
+        assert sorted(part.split("=")[0] for part in path.parent.name.split(",")) == params, path.parent.name
+    with open(sweep / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(set(params) <= set(r) for r in rows)
+    assert sorted(float(r["tune.lr"]) for r in rows) == sorted(t["config"]["tune"]["lr"] for t in trials)
 
 
 def test_sweep_job_folders_are_named_from_the_swept_values(tmp_path):

@@ -125,8 +125,9 @@ def test_multirun_from_the_command_line(tmp_path, text_file):
 
 def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, text_file):
     proc = run_py(*sweep_args(tmp_path, text_file), "sparsity=0.5,1.5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep went on, and then says a job failed
     assert "sppx: error: sparsity=1.5: must be a number in [0, 1)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "sppx: error: 1 of 2 jobs failed: sparsity=1.5"
     records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("results.json")}
     assert set(records) == {"sparsity=0.5", "sparsity=1.5"}
     assert records["sparsity=0.5"]["status"] == "complete"
