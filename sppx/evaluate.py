@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from sppx.errors import require, require_positive_int
+from sppx.progress import bar
 
 
 def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -39,7 +39,7 @@ def perplexity(
     device = next(model.parameters()).device
     nll, tokens = torch.zeros((), dtype=torch.float64), 0
     try:
-        for batch in tqdm(
+        for batch in bar(
             windows.split(batch_size), desc=desc, disable=not progress, leave=False, unit="batch"
         ):
             batch = batch.to(device)

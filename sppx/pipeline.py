@@ -55,6 +55,7 @@ from sppx.masking import StudentMasks
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig, TuneModule
 from sppx.profiling import PeakMemory, Stopwatch, release_freed_memory
+from sppx.progress import LogProgress, interactive, quiet_library_bars
 from sppx.provenance import sppx_provenance
 from sppx.pruning import NoPruner, Pruner, SparsityPattern, prune_model
 from sppx.pruning.owl import layer_sparsities
@@ -462,7 +463,8 @@ def _quiet_lightning() -> None:
 def execute(p: Plan, progress: bool = True) -> dict:
     """Run the plan. A run that fails (or is interrupted) leaves a ``results.json`` whose status says so,
     with the error's first line, and never a complete-looking ``model/``."""
-    watch = Stopwatch()
+    watch = Stopwatch(log, quiet=("eval",))  # stages are logged as they start and end
+    quiet_library_bars()
     with SignalGuard() as guard:
         try:
             return _execute(p, progress, watch, guard)
@@ -587,7 +589,11 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
         if not leader:
             return None
         with watch("eval"):
-            return perplexity(model, eval_windows, p.eval.batch_size, desc=f"ppl ({desc})", progress=progress)
+            result = perplexity(
+                model, eval_windows, p.eval.batch_size, desc=f"ppl ({desc})", progress=progress
+            )
+        log.info("ppl (%s): %.3f on %d windows of %d tokens", desc, result["ppl"], *eval_windows.shape)
+        return result
 
     zero_shot: dict[str, dict] = {}  # stage -> task -> metrics
 
@@ -707,6 +713,8 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
             if val_windows.shape[0]
             else None
         )
+    if ppl["validation"] is not None:
+        log.info("ppl (validation): %.3f on %d windows", ppl["validation"]["ppl"], val_windows.shape[0])
     measure_tasks("final")
     speed = _measure_speed(p, model, watch, progress) if p.eval.speed else None
 
@@ -781,6 +789,7 @@ def _execute(p: Plan, progress: bool, watch: Stopwatch, guard: SignalGuard) -> d
 
             model_dir = save_model(model, tokenizer, p.output_dir / "model", model_card(results), verify)
         results["model_dir"] = str(model_dir)
+        log.info("export: %s", model_dir)
     watch.times["total"] = time.perf_counter() - start
     results["time_s"] = {
         k: round(watch.times.get(k, 0.0), 3)
@@ -975,30 +984,16 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher, g
         require(train.shape[0] > 0, "data.seqlen", seqlen, "must be shorter than the tuning text")
         datamodule = TuneDataModule(train, val, p.corpus.batch_size, p.seed)
     module = TuneModule(model, p.tune, teacher, settings=run_settings(p.cfg))
-    callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
-    if p.cfg.trainer.get("enable_progress_bar", True) and not any(
-        isinstance(c, ProgressBar) for c in callbacks
-    ):
-        callbacks.append(TQDMProgressBar())  # one style of bar for every stage
     checkpoints = p.output_dir / CHECKPOINT_DIR
     stopper = StopOnSignal(guard, checkpoints / "last.ckpt")
-    callbacks.append(stopper)
-    if p.tune.checkpoint_every:  # adapter-only state (TuneModule.on_save_checkpoint), one file kept
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoints,
-                filename="last",
-                every_n_train_steps=p.tune.checkpoint_every,
-                save_top_k=1,
-                enable_version_counter=False,
-            )
-        )
+    callbacks = [*tuning_callbacks(p, checkpoints), stopper]
     trainer = instantiate(
         p.cfg.trainer,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=str(p.output_dir),
         enable_checkpointing=bool(p.tune.checkpoint_every),
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         use_distributed_sampler=False,  # sppx.loaders splits each global batch across processes itself
     )
     model.train()
@@ -1027,6 +1022,28 @@ def _tune(p: Plan, model, tokenizer, tokens: TokenizedCorpus, logger, teacher, g
         "step_time_s": round(times[len(times) // 2], 4) if times else None,  # median
         "checkpoint": str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").is_file() else None,
     }
+
+
+def tuning_callbacks(p: Plan, checkpoints: Path) -> list:
+    """The user's callbacks, the progress display and the periodic adapter-only checkpoint."""
+    callbacks = [build(c, "trainer.callbacks") for c in p.cfg.trainer.get("callbacks") or []]
+    if not interactive():  # a batch job: progress as log lines (a bar is unreadable in a log file)
+        callbacks.append(LogProgress())
+    elif p.cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in callbacks
+    ):
+        callbacks.append(TQDMProgressBar())  # one style of bar for every stage
+    if p.tune.checkpoint_every:  # adapter-only state (TuneModule.on_save_checkpoint), one file kept
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                filename="last",
+                every_n_train_steps=p.tune.checkpoint_every,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
+    return callbacks
 
 
 def describe_checkpoint(directory: Path) -> str:

@@ -4,6 +4,7 @@ sampled in a background thread, and the CUDA allocator's peak when a GPU is in u
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -15,8 +16,9 @@ import torch
 class Stopwatch:
     """Wall time per phase; a phase entered twice accumulates."""
 
-    def __init__(self):
+    def __init__(self, log: logging.Logger | None = None, quiet: tuple[str, ...] = ()):
         self.times: dict[str, float] = {}
+        self.log, self.quiet = log, quiet  # phases are logged when they start and end, except quiet ones
         self.running: list[str] = []  # the phases entered and not yet left, outermost first
         self.raised_in: str | None = None  # the innermost phase an exception (or signal) left
 
@@ -29,6 +31,9 @@ class Stopwatch:
     def __call__(self, phase: str):
         start = time.perf_counter()
         self.running.append(phase)
+        loud = self.log is not None and phase not in self.quiet
+        if loud:
+            self.log.info("%s: started", phase)
         try:
             yield
         except BaseException:
@@ -37,6 +42,13 @@ class Stopwatch:
         finally:
             self.running.pop()
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+            if loud:
+                self.log.info(
+                    "%s: %s in %.1fs",
+                    phase,
+                    "stopped" if self.raised_in else "done",
+                    time.perf_counter() - start,
+                )
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -77,9 +79,21 @@ def summary_table(results: dict) -> Table:
 
 
 def print_summary(results: dict, output_dir) -> None:
-    console = Console()
+    """The summary on the console, and the same text in the run's log file."""
+    console = Console(record=True)
     console.print(summary_table(results))
     where = f"results: {output_dir}/results.json"
     if results["model_dir"]:
         where += f" | model: {results['model_dir']}"
     console.print(where, markup=False, soft_wrap=True)
+    to_log_files("summary:\n" + console.export_text())
+
+
+def to_log_files(text: str) -> None:
+    """Write ``text`` to the file handlers of the logging setup only (the console has it already)."""
+    record = logging.makeLogRecord(
+        {"name": "sppx", "levelno": logging.INFO, "levelname": "INFO", "msg": text}
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -303,3 +303,16 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeyp
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     assert len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1  # one run id across the resume
+
+
+def test_a_batch_job_logs_every_stage_and_the_summary_without_carriage_returns(tmp_path, text_file):
+    out = tmp_path / "run"
+    proc = run_py(*tiny_run_overrides(text_file, **{"trainer.max_steps": 3}), f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr  # no terminal: log lines, not bars
+    assert proc.stderr.strip() == ""  # everything on one stream
+    text = (out / "run.log").read_text()
+    for line in ("load: done in", "prune: done in", "ppl (pruned): ", "tune: step 3/3 (loss", "tune: done in"):
+        assert line in text, line
+    for line in ("ppl (final): ", "ppl (validation): ", "export: done in", "summary:", "results: "):
+        assert line in text, line

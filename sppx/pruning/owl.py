@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from sppx.progress import bar
 from sppx.pruning.base import Pruner
 from sppx.pruning.sequential import (
     block_linears,
@@ -60,7 +60,7 @@ def block_outlier_ratios(
     ratios: list[float] = []
     sizes: list[int] = []
     inputs = capture_block_inputs(model, calibration, batch_size)
-    for block in tqdm(decoder_layers(model), desc="OWL outliers", disable=not progress, unit="block"):
+    for block in bar(decoder_layers(model), desc="OWL outliers", disable=not progress, unit="block"):
         linears = block_linears(block, targets)
         outputs: list = []
         stats = collect_stats(block, linears, counter, inputs, outputs=outputs)

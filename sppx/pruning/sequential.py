@@ -15,9 +15,9 @@ import weakref
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sppx.profiling import Stopwatch
+from sppx.progress import bar
 from sppx.pruning.base import Pruner
 from sppx.pruning.masks import SparsityPattern
 
@@ -212,7 +212,7 @@ def run_blocks(
     last = len(layers) - 1
     if device is not None:
         inputs = to_device(inputs, torch.device(device))
-    for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="block")):
+    for i, block in enumerate(bar(layers, desc=desc, disable=not progress, unit="block")):
         home = next(block.parameters()).device
         if device is not None:
             block.to(device)
@@ -289,7 +289,7 @@ def prune_model(
         masks[full] = keep.cpu() if pruner.device is not None else keep  # the masks stay with the model
 
     if not pruner.collects_stats:
-        for i, block in enumerate(tqdm(layers, desc=f"prune ({pruner.name})", disable=not progress)):
+        for i, block in enumerate(bar(layers, desc=f"prune ({pruner.name})", disable=not progress)):
             home = next(block.parameters()).device
             if pruner.device is not None:
                 block.to(pruner.device)

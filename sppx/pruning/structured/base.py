@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sppx.errors import is_int, is_number, require, require_positive_int
 from sppx.profiling import Stopwatch
+from sppx.progress import bar
 from sppx.pruning.base import PROJECTIONS
 from sppx.pruning.masks import SparsityPattern
 from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers
@@ -225,7 +225,7 @@ def block_influence(
     layers = decoder_layers(model)
     inputs = capture_block_inputs(model, calibration, batch_size)
     scores = torch.zeros(len(layers), dtype=torch.float64)
-    for i, block in enumerate(tqdm(layers, desc="block influence", disable=not progress, unit="layer")):
+    for i, block in enumerate(bar(layers, desc="block influence", disable=not progress, unit="layer")):
         total, count, outputs = 0.0, 0, []
         for hidden, kwargs in inputs:
             out = block_output(block(hidden, **kwargs))
@@ -248,7 +248,7 @@ def dense_input_stats(
     stats = StatsFactory(gram=False)
     inputs = capture_block_inputs(model, calibration, batch_size)
     per_layer = []
-    for block in tqdm(decoder_layers(model), desc="dense statistics", disable=not progress, unit="layer"):
+    for block in bar(decoder_layers(model), desc="dense statistics", disable=not progress, unit="layer"):
         linears = {n: m for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in names}
         outputs: list = []
         found = collect_stats(block, linears, stats, inputs, outputs)

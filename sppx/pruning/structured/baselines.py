@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sppx.errors import require, require_positive_int
 from sppx.evaluate import next_token_nll
+from sppx.progress import bar
 from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured.base import (
     InputStats,
@@ -188,7 +188,7 @@ class LLMPrunerPruner(OneShotStructured):
         """Accumulate the gradient of the mean next-token loss over the windows in the weights."""
         windows = ctx.calibration[: self.nsamples, : self.seqlen]
         device = next(model.parameters()).device
-        for batch in tqdm(windows.split(self.batch_size), desc="taylor gradients", disable=not ctx.progress):
+        for batch in bar(windows.split(self.batch_size), desc="taylor gradients", disable=not ctx.progress):
             batch = batch.to(device)
             nll, count = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
             (nll / (count * windows.shape[0] / batch.shape[0])).backward()  # the mean over all windows
