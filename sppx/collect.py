@@ -78,6 +78,13 @@ def row_of(run_dir: Path, results: dict, root: Path) -> dict:
         "step_s": _get(results, "tune", "step_time_s"),
         "total_s": _get(results, "time_s", "total"),
         "error": results.get("error"),
+        # Not columns: what makes runs comparable in a figure.
+        "data": choices.get("data"),
+        "windows": _get(results, "ppl", "windows"),
+        "seqlen": _get(results, "ppl", "seqlen"),
+        "steps": _get(results, "tune", "steps") or 0,
+        "kind": _pattern_kind(choices.get("pattern")),
+        "lr": _get(results, "config", "tune", "lr") if _get(results, "tune", "steps") else None,
     }
 
 
@@ -102,6 +109,7 @@ def collect(root: Path, params: list[str] = ()) -> tuple[list[dict], list[dict]]
     rows = []
     for run_dir, results in found:
         row = row_of(run_dir, results, root)
+        row["finished"] = (run_dir / RESULTS_FILE).stat().st_mtime
         row.update({key: setting_of(results, key) for key in params if key not in row})
         rows.append(row)
     return rows, [r for _, r in found]
@@ -150,10 +158,6 @@ def _pyplot():
     return plt
 
 
-def _short(label: str, width: int = 48) -> str:
-    return label if len(label) <= width else label[: width - 3] + "..."
-
-
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
@@ -167,71 +171,178 @@ def _pattern_kind(pattern) -> str:
     return "structured" if pattern == "structured" else "unstructured" if pattern == "unstructured" else "N:M"
 
 
+def wide_range(values: list[float]) -> bool:
+    """A log axis only when the values span more than ~1.5 decades."""
+    values = [v for v in values if _usable(v)]
+    return bool(values) and max(values) / min(values) > 10**1.5
+
+
+def run_label(row: dict, params: list[str] = ()) -> str:
+    """What tells a run apart in a figure: its swept values (the job folder's name in a sweep)."""
+    if params:
+        shown = [f"{k}={_cell(row.get(k))}" for k in params if row.get(k) not in (None, "")]
+        if shown:
+            return ", ".join(shown)
+    return Path(row["run"]).name
+
+
+# The settings that make two runs comparable: a line or a bar group never mixes values of these.
+PROTOCOL = ("model", "data", "windows", "seqlen")
+SETUP = ("pruner", "kind", "adapter", "teacher", "steps", "lr")
+
+
+def _part(name: str, value) -> str:
+    return f"{value} steps" if name == "steps" else f"lr {value:g}" if name == "lr" and value else str(value)
+
+
+def _protocol_title(rows: list[dict], what: str) -> str:
+    """``what`` with the model, data and perplexity protocol, when all rows share them."""
+    shared = {k: {r.get(k) for r in rows} for k in (*PROTOCOL, "steps")}
+    parts = [what]
+    if len(shared["model"]) == 1 and len(shared["data"]) == 1:
+        parts.append(f"{next(iter(shared['model']))} on {next(iter(shared['data']))}")
+    if len(shared["windows"]) == 1 and len(shared["seqlen"]) == 1:
+        parts.append(f"ppl on {next(iter(shared['windows']))} x {next(iter(shared['seqlen']))} tokens")
+    if len(shared["steps"]) == 1 and next(iter(shared["steps"])):
+        parts.append(f"{next(iter(shared['steps']))} tuning steps")
+    return " | ".join(parts)
+
+
+def _varying(groups: list[tuple], names: tuple[str, ...]) -> list[int]:
+    """Indices of the key parts that differ between groups (what a legend label must say)."""
+    return [i for i in range(len(names)) if len({g[i] for g in groups}) > 1] or [0]
+
+
 def plot_ppl_vs_sparsity(rows: list[dict], path: Path) -> bool:
-    """Final (solid) and pruned (dashed) perplexity against measured sparsity, a line per pruner and
-    pattern kind. False (nothing written) when no complete run has the numbers."""
-    lines: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["status"] == "complete" and r["sparsity"] is not None and _usable(r["ppl_final"]):
-            lines.setdefault(f"{r['pruner']} ({_pattern_kind(r['pattern'])})", []).append(r)
-    if not lines:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (label, points) in enumerate(sorted(lines.items())):
-        points.sort(key=lambda r: r["sparsity"])
-        xs = [r["sparsity"] for r in points]
-        ax.plot(xs, [r["ppl_final"] for r in points], marker="o", color=f"C{i}", label=f"{label} final")
-        pruned = [(r["sparsity"], r["ppl_pruned"]) for r in points if _usable(r["ppl_pruned"])]
-        if pruned:
-            ax.plot(*zip(*pruned, strict=True), marker="x", ls="--", color=f"C{i}", alpha=0.6)
-    dense = [r["ppl_dense"] for r in rows if _usable(r["ppl_dense"])]
-    if dense:
-        ax.axhline(min(dense), color="black", lw=0.8, ls=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured sparsity")
-    ax.set_ylabel("perplexity (log; dashed: after pruning)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    return True
-
-
-def plot_recovery(rows: list[dict], path: Path) -> bool:
-    """Bars of perplexity after pruning and after recovery for every complete run, grouped (and
-    coloured) by adapter / teacher."""
-    runs = [r for r in rows if r["status"] == "complete" and _usable(r["ppl_pruned"], r["ppl_final"])]
+    """Final perplexity (circles, solid lines) against measured sparsity; a line joins only runs that
+    share everything but the sparsity (model, data, protocol, pruner, pattern kind, adapter, teacher,
+    budget, lr), and runs that share a sparsity but differ otherwise are markers only. Perplexity right
+    after pruning (crosses, dashed) once per pruner and pattern kind; the dense model of each protocol is
+    a labelled reference line. The legend sits beside the axes. False when no complete run has numbers."""
+    runs = [
+        r
+        for r in rows
+        if r["status"] == "complete"
+        and r["sparsity"] is not None
+        and _usable(r["ppl_final"])
+        and not (r.get("pruner") == "none" and r.get("adapter") == "none")  # the dense model: a line below
+    ]
     if not runs:
         return False
-    runs.sort(key=lambda r: (str(r["adapter"]), str(r["teacher"]), r["run"]))
-
-    def group_of(r: dict) -> str:
-        return f"{r['adapter']} / {r['teacher']}"
-
-    groups = sorted({group_of(r) for r in runs})
+    names = (*PROTOCOL, *SETUP)
+    lines: dict[tuple, list[dict]] = {}
+    for r in runs:
+        lines.setdefault(tuple(r.get(k) for k in names), []).append(r)
+    shown = _varying(list(lines), names)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(runs) + 2), 4.5))
-    xs = range(len(runs))
-    ax.bar(
-        [x - 0.2 for x in xs], [r["ppl_pruned"] for r in runs], width=0.4, color="lightgray", label="pruned"
-    )
-    for x, r in zip(xs, runs, strict=True):
-        colour = f"C{groups.index(group_of(r))}"
-        ax.bar(x + 0.2, r["ppl_final"], width=0.4, color=colour)
-    for i, g in enumerate(groups):
-        ax.bar([], [], color=f"C{i}", label=f"recovered: {g}")
-    ax.set_xticks(list(xs), [_short(r["run"]) for r in runs], rotation=60, ha="right", fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity (log)")
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    values = []
+    for i, (key, points) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
+        points.sort(key=lambda r: r["sparsity"])
+        label = ", ".join(_part(names[j], key[j]) for j in shown if key[j] is not None) or "runs"
+        xs, finals = [r["sparsity"] for r in points], [r["ppl_final"] for r in points]
+        joined = len(set(xs)) == len(xs)
+        ax.plot(xs, finals, marker="o", ls="-" if joined else "none", color=f"C{i % 10}", label=label)
+        values += finals
+    pruned: dict[tuple, dict[float, float]] = {}
+    for r in runs:
+        if _usable(r["ppl_pruned"]) and r.get("pruner") != "none" and r.get("kind") != "structured":
+            key = (*(r.get(k) for k in PROTOCOL), r.get("pruner"), r.get("kind"))
+            pruned.setdefault(key, {})[round(r.get("target") or r["sparsity"], 6)] = r["ppl_pruned"]
+    for key, points in sorted(pruned.items(), key=lambda kv: str(kv[0])):
+        xs = sorted(points)
+        ax.plot(
+            xs,
+            [points[x] for x in xs],
+            marker="x",
+            ls="--",
+            color="0.35",
+            alpha=0.8,
+            label=f"{key[-2]} ({key[-1]}): after pruning",
+        )
+        values += list(points.values())
+    dense: dict[tuple, float] = {}
+    for r in rows:
+        if r["status"] == "complete" and _usable(r["ppl_dense"]):
+            dense.setdefault(tuple(r.get(k) for k in PROTOCOL), r["ppl_dense"])
+    for j, (key, value) in enumerate(sorted(dense.items(), key=lambda kv: str(kv[0]))):
+        where = f" ({key[0]}, {key[2]} x {key[3]})" if len(dense) > 1 else ""
+        ax.axhline(value, color="black", lw=0.9, ls=[":", "-."][j % 2], label=f"dense{where}: {value:.2f}")
+        values.append(value)
+    if wide_range(values):
+        ax.set_yscale("log")
+    ax.set_xlabel("measured sparsity (after the merge)")
+    ax.set_ylabel("perplexity" + (" (log scale)" if wide_range(values) else ""))
+    ax.set_title(_protocol_title(runs, "Perplexity vs sparsity"), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     _save(fig, path)
     return True
 
 
-def plot_layer_sparsity(rows: list[dict], results: list[dict], path: Path) -> bool:
-    """A heat map of the measured per-layer sparsity, one row per complete run."""
+def plot_recovery(rows: list[dict], path: Path, params: list[str] = ()) -> bool:
+    """Per complete run, perplexity after pruning and after recovery as horizontal bars from zero on a
+    linear axis, labelled by the run's swept values, with the dense model as a labelled line. When the
+    values span more than ~1.5 decades the share of the (pruned - dense) gap that recovery closed is
+    drawn instead (bars from zero, in %), since bars on a log axis misstate sizes."""
+    runs = [
+        r
+        for r in rows
+        if r["status"] == "complete"
+        and r.get("adapter") != "none"
+        and _usable(r["ppl_pruned"], r["ppl_final"])
+    ]
+    if not runs:
+        return False
+    runs.sort(key=lambda r: (str(r.get("adapter")), str(r.get("teacher")), r["run"]))
+    labels = [run_label(r, params) for r in runs]
+    dense = [r["ppl_dense"] for r in runs if _usable(r["ppl_dense"])]
+    one_dense = len({round(d, 6) for d in dense}) == 1
+    gap_view = wide_range([*(r["ppl_pruned"] for r in runs), *(r["ppl_final"] for r in runs)]) and all(
+        _usable(r["ppl_dense"]) and r["ppl_pruned"] > r["ppl_dense"] for r in runs
+    )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.45 * len(runs) + 1.5)))
+    ys = list(range(len(runs)))
+    if gap_view:
+        shares = [100 * (r["ppl_pruned"] - r["ppl_final"]) / (r["ppl_pruned"] - r["ppl_dense"]) for r in runs]
+        ax.barh(ys, shares, color=[f"C{i % 10}" for i in ys], height=0.6)
+        for y, v in zip(ys, shares, strict=True):
+            ax.text(v, y, f" {v:.0f}%", va="center", fontsize=8)
+        ax.axvline(100, color="black", lw=0.9, ls=":", label="dense model (100%)")
+        ax.set_xlabel("share of the (pruned - dense) perplexity gap closed by recovery (%)")
+    else:
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [r["ppl_pruned"] for r in runs],
+            height=0.4,
+            color="lightgray",
+            label="after pruning",
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [r["ppl_final"] for r in runs],
+            height=0.4,
+            color="C0",
+            label="after recovery",
+        )
+        if dense and one_dense:
+            ax.axvline(dense[0], color="black", lw=0.9, ls=":", label=f"dense: {dense[0]:.2f}")
+        ax.set_xlabel("perplexity")
+        ax.set_xlim(left=0)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(_protocol_title(runs, "Recovery"), fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+    return True
+
+
+def plot_layer_sparsity(rows: list[dict], results: list[dict], path: Path, params: list[str] = ()) -> bool:
+    """A heat map of the measured per-layer sparsity, one row per complete run, integer layer ticks."""
     data = [
-        (row["run"], r["sparsity"]["per_layer"])
+        (run_label(row, params), r["sparsity"]["per_layer"])
         for row, r in zip(rows, results, strict=True)
         if row["status"] == "complete" and _get(r, "sparsity", "per_layer")
     ]
@@ -240,16 +351,48 @@ def plot_layer_sparsity(rows: list[dict], results: list[dict], path: Path) -> bo
     width = max(len(v) for _, v in data)
     grid = [v + [float("nan")] * (width - len(v)) for _, v in data]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * width + 3), max(2.5, 0.3 * len(data) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * width + 3), max(2.5, 0.35 * len(data) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(data)), [_short(name) for name, _ in data], fontsize=6)
+    ax.set_yticks(range(len(data)), [name for name, _ in data], fontsize=8)
+    step = max(1, width // 16)
+    ax.set_xticks(range(0, width, step), [str(i) for i in range(0, width, step)], fontsize=8)
     ax.set_xlabel("decoder layer")
+    ax.set_title("Measured sparsity per decoder layer", fontsize=10)
     fig.colorbar(image, ax=ax, label="measured sparsity")
     _save(fig, path)
     return True
 
 
-def write_report(rows: list[dict], results: list[dict], out_dir: Path, params: list[str] = ()) -> list[Path]:
+def plot_search_history(rows: list[dict], path: Path) -> bool:
+    """A search's objective (validation perplexity) per trial in the order they finished, with the best
+    so far."""
+    trials = sorted(
+        (r for r in rows if _usable(r.get("ppl_validation"))), key=lambda r: r.get("finished") or 0
+    )
+    if len(trials) < 2:
+        return False
+    values = [r["ppl_validation"] for r in trials]
+    best = [min(values[: i + 1]) for i in range(len(values))]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = list(range(1, len(values) + 1))
+    ax.plot(xs, values, "o", color="C0", label="trial")
+    ax.step(xs, best, where="post", color="C1", label="best so far")
+    if wide_range(values):
+        ax.set_yscale("log")
+    ax.set_xticks(xs if len(xs) <= 20 else xs[:: max(1, len(xs) // 10)])
+    ax.set_xlabel("trial (in the order they finished)")
+    ax.set_ylabel("validation perplexity (the objective)")
+    ax.set_title(_protocol_title(trials, "Search history"), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def write_report(
+    rows: list[dict], results: list[dict], out_dir: Path, params: list[str] = (), search: bool = False
+) -> list[Path]:
     """summary.md, summary.csv and the plots into ``out_dir``; returns the files written. ``params``:
     the swept or searched settings, a column each."""
     out_dir = Path(out_dir)
@@ -259,11 +402,14 @@ def write_report(rows: list[dict], results: list[dict], out_dir: Path, params: l
     (out_dir / "summary.md").write_text(header + markdown_table(rows, params) + "\n")
     write_csv(rows, out_dir / "summary.csv", params)
     written = [out_dir / "summary.md", out_dir / "summary.csv"]
-    for name, made in (
+    plots = [
         ("ppl_vs_sparsity.png", lambda p: plot_ppl_vs_sparsity(rows, p)),
-        ("recovery.png", lambda p: plot_recovery(rows, p)),
-        ("layer_sparsity.png", lambda p: plot_layer_sparsity(rows, results, p)),
-    ):
+        ("recovery.png", lambda p: plot_recovery(rows, p, params)),
+        ("layer_sparsity.png", lambda p: plot_layer_sparsity(rows, results, p, params)),
+    ]
+    if search:
+        plots.append(("search_history.png", lambda p: plot_search_history(rows, p)))
+    for name, made in plots:
         if made(out_dir / name):
             written.append(out_dir / name)
     return written

@@ -71,7 +71,10 @@ class SweepSummary(Callback):
         rows, results = collect(root, sorted(keys))
         if not rows:
             return
-        write_report(rows, results, root, sorted(keys))
+        search = bool(OmegaConf.select(config, "hydra.sweeper.params", default=None)) and "optuna" in str(
+            OmegaConf.select(config, "hydra.sweeper._target_", default="")
+        )
+        write_report(rows, results, root, sorted(keys), search=search)
         failed = [r for r in rows if r["status"] != "complete"]
         log.info(
             "sweep: %d of %d jobs complete; table and plots in %s", len(rows) - len(failed), len(rows), root

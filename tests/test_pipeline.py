@@ -312,7 +312,13 @@ def test_a_batch_job_logs_every_stage_and_the_summary_without_carriage_returns(t
     assert "\r" not in proc.stdout and "\r" not in proc.stderr  # no terminal: log lines, not bars
     assert proc.stderr.strip() == ""  # everything on one stream
     text = (out / "run.log").read_text()
-    for line in ("load: done in", "prune: done in", "ppl (pruned): ", "tune: step 3/3 (loss", "tune: done in"):
+    for line in (
+        "load: done in",
+        "prune: done in",
+        "ppl (pruned): ",
+        "tune: step 3/3 (loss",
+        "tune: done in",
+    ):
         assert line in text, line
     for line in ("ppl (final): ", "ppl (validation): ", "export: done in", "summary:", "results: "):
         assert line in text, line
