@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from sppx.collect import wide_range
 from sppx.lr_search import GridSearch, search
 from sppx.results import read_results
 
@@ -291,8 +292,11 @@ def plot(rows: list[dict], picks: list[dict], path: Path, title: str, dense: flo
         if dense is not None:
             ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
         ax.set_xscale("log")
+        drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
+        if wide_range(drawn):  # a diverged lr next to the good ones: a log axis keeps both readable
+            ax.set_yscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("validation perplexity after merge")
+        ax.set_ylabel("validation perplexity after merge" + (" (log)" if wide_range(drawn) else ""))
         ax.set_title(f"Wanda {pattern}")
         ax.legend(fontsize=8)
     ax = axes[0][-1]
@@ -303,13 +307,14 @@ def plot(rows: list[dict], picks: list[dict], path: Path, title: str, dense: flo
             for pat in patterns
         ]
         xs = [i + k * width for i, v in enumerate(values) if v is not None]
-        ax.bar(xs, [100 * v for v in values if v is not None], width, label=adapter)
+        bars = ax.bar(xs, [100 * v for v in values if v is not None], width, label=adapter)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks([i + width * (len(adapters) - 1) / 2 for i in range(len(patterns))], patterns)
     closed = [100 * p["gap_closed"] for p in picks if p.get("gap_closed") is not None]
     ax.set_ylim(min(0, *closed) if closed else 0, max(100, *closed) * 1.05 if closed else 100)
     ax.set_ylabel("% of the (pruned - dense) ppl gap closed")
     ax.set_title("each adapter at its best lr")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(adapters), frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
