@@ -213,6 +213,39 @@ def _varying(groups: list[tuple], names: tuple[str, ...]) -> list[int]:
     return [i for i in range(len(names)) if len({g[i] for g in groups}) > 1] or [0]
 
 
+def _draw_references(ax, runs: list[dict], rows: list[dict]) -> list[float]:
+    """Perplexity right after pruning (once per pruner and pattern kind) and the dense model of each
+    protocol; returns the values drawn."""
+    values: list[float] = []
+    pruned: dict[tuple, dict[float, float]] = {}
+    for r in runs:
+        tuned = r.get("adapter") != "none"  # without tuning the final line is the pruned one already
+        if tuned and _usable(r["ppl_pruned"]) and r.get("pruner") != "none" and r.get("kind") != "structured":
+            key = (*(r.get(k) for k in PROTOCOL), r.get("pruner"), r.get("kind"))
+            pruned.setdefault(key, {})[round(r.get("target") or r["sparsity"], 6)] = r["ppl_pruned"]
+    for j, (key, points) in enumerate(sorted(pruned.items(), key=lambda kv: str(kv[0]))):
+        xs = sorted(points)
+        ax.plot(
+            xs,
+            [points[x] for x in xs],
+            marker="x",
+            ls=["--", ":", "-."][j % 3],
+            color=str(0.2 + 0.2 * (j % 3)),
+            alpha=0.8,
+            label=f"{key[-2]} ({key[-1]}): after pruning",
+        )
+        values += list(points.values())
+    dense: dict[tuple, float] = {}
+    for r in rows:
+        if r["status"] == "complete" and _usable(r["ppl_dense"]):
+            dense.setdefault(tuple(r.get(k) for k in PROTOCOL), r["ppl_dense"])
+    for j, (key, value) in enumerate(sorted(dense.items(), key=lambda kv: str(kv[0]))):
+        where = f" ({key[0]}, {key[2]} x {key[3]})" if len(dense) > 1 else ""
+        ax.axhline(value, color="black", lw=0.9, ls=[":", "-."][j % 2], label=f"dense{where}: {value:.2f}")
+        values.append(value)
+    return values
+
+
 def plot_ppl_vs_sparsity(rows: list[dict], path: Path) -> bool:
     """Final perplexity (circles, solid lines) against measured sparsity; a line joins only runs that
     share everything but the sparsity (model, data, protocol, pruner, pattern kind, adapter, teacher,
@@ -244,31 +277,7 @@ def plot_ppl_vs_sparsity(rows: list[dict], path: Path) -> bool:
         joined = len(set(xs)) == len(xs)
         ax.plot(xs, finals, marker="o", ls="-" if joined else "none", color=f"C{i % 10}", label=label)
         values += finals
-    pruned: dict[tuple, dict[float, float]] = {}
-    for r in runs:
-        if _usable(r["ppl_pruned"]) and r.get("pruner") != "none" and r.get("kind") != "structured":
-            key = (*(r.get(k) for k in PROTOCOL), r.get("pruner"), r.get("kind"))
-            pruned.setdefault(key, {})[round(r.get("target") or r["sparsity"], 6)] = r["ppl_pruned"]
-    for key, points in sorted(pruned.items(), key=lambda kv: str(kv[0])):
-        xs = sorted(points)
-        ax.plot(
-            xs,
-            [points[x] for x in xs],
-            marker="x",
-            ls="--",
-            color="0.35",
-            alpha=0.8,
-            label=f"{key[-2]} ({key[-1]}): after pruning",
-        )
-        values += list(points.values())
-    dense: dict[tuple, float] = {}
-    for r in rows:
-        if r["status"] == "complete" and _usable(r["ppl_dense"]):
-            dense.setdefault(tuple(r.get(k) for k in PROTOCOL), r["ppl_dense"])
-    for j, (key, value) in enumerate(sorted(dense.items(), key=lambda kv: str(kv[0]))):
-        where = f" ({key[0]}, {key[2]} x {key[3]})" if len(dense) > 1 else ""
-        ax.axhline(value, color="black", lw=0.9, ls=[":", "-."][j % 2], label=f"dense{where}: {value:.2f}")
-        values.append(value)
+    values += _draw_references(ax, runs, rows)
     if wide_range(values):
         ax.set_yscale("log")
     ax.set_xlabel("measured sparsity (after the merge)")

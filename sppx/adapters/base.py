@@ -176,9 +176,7 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
 
     directory = Path(directory)
     if (directory / PEFT_CONFIG_FILE).is_file() and not (directory / CONFIG_FILE).is_file():
-        from sppx.adapters.lora import load_peft_lora
-
-        return load_peft_lora(model, directory)
+        return ADAPTERS["lora"].load_peft(model, directory)  # a LoRA saved in peft's format
     config = json.loads((directory / CONFIG_FILE).read_text())
     kind = config.pop("type")
     adapter = ADAPTERS[kind](**config)

@@ -29,6 +29,8 @@ from sppx.errors import ConfigError, require
 from sppx.masking import MaskedLinear, apply_keep, forward_keep, student_weight
 from sppx.pruning.sequential import prunable_linears
 
+PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules in its files
+
 
 class MaskedLoRALinear(nn.Module):
     """A frozen Linear plus s * (B A) * mask. The mask is the keep-mask of a MaskedLinear base (it follows
@@ -175,6 +177,26 @@ class LoRAAdapter(LowRankArgs):
         }
         save_file(state, str(directory / PEFT_WEIGHTS_FILE))
 
+    @classmethod
+    def load_peft(cls, model: nn.Module, directory: Path) -> LoRAAdapter:
+        """Inject a LoRA saved in peft's format into ``model`` (the pruned model it was tuned on)."""
+        config = json.loads((Path(directory) / PEFT_CONFIG_FILE).read_text())
+        names = list(config["target_modules"])
+        adapter = cls(
+            targets=sorted({n.rsplit(".", 1)[-1] for n in names}),
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config["lora_dropout"],
+        )
+        adapter.apply(model)
+        saved = load_file(str(Path(directory) / PEFT_WEIGHTS_FILE))
+        with torch.no_grad():
+            for name, mod in adapter.wrapped(model).items():
+                for part in ("A", "B"):
+                    key = f"{PEFT_PREFIX}{name}.lora_{part}.weight"
+                    getattr(mod, f"lora_{part}")["default"].weight.copy_(saved[key])
+        return adapter
+
     @torch.no_grad()
     def merge(self, model: nn.Module) -> list[str]:
         merged = []
@@ -188,27 +210,3 @@ class LoRAAdapter(LowRankArgs):
         if hasattr(model, "peft_config"):  # left by peft's injection; the model is plain again
             del model.peft_config
         return merged
-
-
-PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules in its files
-
-
-def load_peft_lora(model: nn.Module, directory: Path) -> LoRAAdapter:
-    """Inject a LoRA saved in peft's format into ``model`` (the pruned model it was tuned on)."""
-    config = json.loads((Path(directory) / PEFT_CONFIG_FILE).read_text())
-    names = list(config["target_modules"])
-    adapter = LoRAAdapter(
-        targets=sorted({n.rsplit(".", 1)[-1] for n in names}),
-        r=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config["lora_dropout"],
-    )
-    adapter.apply(model)
-    saved = load_file(str(Path(directory) / PEFT_WEIGHTS_FILE))
-    with torch.no_grad():
-        for name, mod in adapter.wrapped(model).items():
-            for part in ("A", "B"):
-                getattr(mod, f"lora_{part}")["default"].weight.copy_(
-                    saved[f"{PEFT_PREFIX}{name}.lora_{part}.weight"]
-                )
-    return adapter
