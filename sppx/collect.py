@@ -13,10 +13,13 @@ and the plots:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
 from sppx.results import RESULTS_FILE, read_results
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     ("run", "run"),
@@ -343,7 +346,7 @@ def plot_recovery(rows: list[dict], path: Path, params: list[str] = ()) -> bool:
     ax.invert_yaxis()
     ax.set_title(_protocol_title(runs, "Recovery"), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _save(fig, path)
     return True
 
@@ -399,8 +402,55 @@ def plot_search_history(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def param_importances(rows: list[dict], space: dict[str, str]) -> dict[str, float]:
+    """How much each searched parameter explains the objective (validation perplexity) over the
+    trials: optuna's mean-decrease-in-impurity evaluator on a study rebuilt from the finished trials and
+    the search space (``hydra.sweeper.params``). Empty when there are too few trials."""
+    import optuna
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    parser = OverridesParser.create()
+    dists = {
+        k: create_optuna_distribution_from_override(parser.parse_override(f"{k}={v}"))
+        for k, v in space.items()
+    }
+    study = optuna.create_study(direction="minimize")
+    for r in rows:
+        params = {k: r.get(k) for k in dists}
+        if _usable(r.get("ppl_validation")) and all(v is not None for v in params.values()):
+            study.add_trial(
+                optuna.trial.create_trial(params=params, distributions=dists, value=r["ppl_validation"])
+            )
+    if len(study.trials) < 3:
+        return {}
+    evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+
+
+def plot_param_importances(rows: list[dict], space: dict[str, str], path: Path) -> bool:
+    """A bar per searched parameter: its share of the objective's variation (sums to 1)."""
+    try:
+        importances = param_importances(rows, space)
+    except Exception as err:  # optuna and its plugin are optional extras of a search
+        log.warning("parameter importances not computed: %s", str(err).splitlines()[0] if str(err) else err)
+        return False
+    if not importances:
+        return False
+    plt = _pyplot()
+    names = sorted(importances, key=importances.get)
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(names) + 1.5))
+    bars = ax.barh(names, [importances[n] for n in names], color="C0")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("importance for the validation perplexity (mean decrease in impurity, sums to 1)")
+    ax.set_title(f"Search: parameter importances over {len(rows)} trials", fontsize=10)
+    _save(fig, path)
+    return True
+
+
 def write_report(
-    rows: list[dict], results: list[dict], out_dir: Path, params: list[str] = (), search: bool = False
+    rows: list[dict], results: list[dict], out_dir: Path, params: list[str] = (), search: dict | None = None
 ) -> list[Path]:
     """summary.md, summary.csv and the plots into ``out_dir``; returns the files written. ``params``:
     the swept or searched settings, a column each."""
@@ -416,8 +466,9 @@ def write_report(
         ("recovery.png", lambda p: plot_recovery(rows, p, params)),
         ("layer_sparsity.png", lambda p: plot_layer_sparsity(rows, results, p, params)),
     ]
-    if search:
+    if search:  # the search space (hydra.sweeper.params) of an Optuna search
         plots.append(("search_history.png", lambda p: plot_search_history(rows, p)))
+        plots.append(("param_importances.png", lambda p: plot_param_importances(rows, search, p)))
     for name, made in plots:
         if made(out_dir / name):
             written.append(out_dir / name)

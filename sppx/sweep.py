@@ -71,9 +71,9 @@ class SweepSummary(Callback):
         rows, results = collect(root, sorted(keys))
         if not rows:
             return
-        search = bool(OmegaConf.select(config, "hydra.sweeper.params", default=None)) and "optuna" in str(
-            OmegaConf.select(config, "hydra.sweeper._target_", default="")
-        )
+        space = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        optuna = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+        search = {str(k): str(v) for k, v in space.items()} if space and optuna else None
         write_report(rows, results, root, sorted(keys), search=search)
         failed = [r for r in rows if r["status"] != "complete"]
         log.info(

@@ -44,18 +44,18 @@ def test_every_preset_composes_and_passes_the_plan(preset, tmp_path, text_file):
     assert p.pruner.name == body["defaults"][0]["override /pruner"]
 
 
-def test_the_optuna_search_composes_and_two_trials_run_on_the_tiny_model(tmp_path, text_file):
+def test_the_optuna_search_composes_and_three_trials_run_on_the_tiny_model(tmp_path, text_file):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_config(["hparams_search=spp_optuna"], tmp_path)
     assert cfg.adapter._target_.endswith("SPPAdapter") and cfg.teacher._target_.endswith("DenseTeacher")
     sweep = tmp_path / "search"
     proc = run_py(
-        *sweep_args(tmp_path, text_file, "search"), "hparams_search=spp_optuna", "hydra.sweeper.n_trials=2"
+        *sweep_args(tmp_path, text_file, "search"), "hparams_search=spp_optuna", "hydra.sweeper.n_trials=3"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     trials = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
-    assert len(trials) == 2 and all(t["status"] == "complete" for t in trials)
+    assert len(trials) == 3 and all(t["status"] == "complete" for t in trials)
     # The best value is the lowest validation perplexity among the trials, with that trial's settings.
     winner = min(trials, key=lambda t: t["ppl"]["validation"])
     assert best["best_value"] == pytest.approx(winner["ppl"]["validation"])
@@ -67,7 +67,8 @@ def test_the_optuna_search_composes_and_two_trials_run_on_the_tiny_model(tmp_pat
         "teacher.kl_weight",
         "teacher.hidden_weight",
     }
-    assert (sweep / "summary.md").read_text().startswith("2 runs: 2 complete")
+    assert (sweep / "summary.md").read_text().startswith("3 runs: 3 complete")
+    assert (sweep / "search_history.png").is_file() and (sweep / "param_importances.png").is_file()
     # Trial folders are named by the searched parameters only; the summary has a column for each.
     params = ["adapter.rows", "teacher.hidden_weight", "teacher.kl_weight", "tune.lr"]
     for path in sweep.rglob("results.json"):
