@@ -62,32 +62,25 @@ def inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def folder_setting(key: str, value, allowed: str) -> Path:
+    """A setting that names a folder: a non-empty string, not an existing file."""
+    require(isinstance(value, str) and value.strip() != "", key, value, allowed)
+    folder = Path(value).expanduser()
+    require(not folder.exists() or folder.is_dir(), key, value, "is a file, not a folder")
+    return folder
+
+
 def check_paths(cfg: DictConfig) -> Path:
     """``paths.output_dir`` must name a folder (not empty, not a file), ``paths.cache_dir`` a folder or
     nothing yet; the logger writes inside the run folder. Returns the output folder."""
     output = cfg.paths.get("output_dir")
-    require(
-        isinstance(output, str) and output.strip() not in ("", "."),
-        "paths.output_dir",
-        output,
-        "must name the run's own folder (not empty, not the current folder)",
+    output_dir = folder_setting(
+        "paths.output_dir", output, "must name the run's own folder (not empty, not '.')"
     )
-    output_dir = Path(output).expanduser()
-    require(
-        not output_dir.exists() or output_dir.is_dir(), "paths.output_dir", output, "is a file, not a folder"
-    )
+    require(output.strip() != ".", "paths.output_dir", output, "must name the run's own folder, not '.'")
     cache = cfg.paths.get("cache_dir")
     if cache is not None:
-        require(
-            isinstance(cache, str) and cache.strip() != "",
-            "paths.cache_dir",
-            cache,
-            "must be null or a folder",
-        )
-        cache_dir = Path(cache).expanduser()
-        require(
-            not cache_dir.exists() or cache_dir.is_dir(), "paths.cache_dir", cache, "is a file, not a folder"
-        )
+        cache_dir = folder_setting("paths.cache_dir", cache, "must be null or a folder")
         existing = next((p for p in [cache_dir, *cache_dir.parents] if p.exists()), None)
         require(
             existing is not None and os.access(existing, os.W_OK),

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sppx.errors import ConfigError, require, require_positive_int
-from sppx.files import read_json_cache, write_cache
+from sppx.files import file_digest, read_json_cache, write_cache
 from sppx.instructions import LOSS_ON, SUFFIXES, TEMPLATES, Examples, load_alpaca, tokenize_examples
 from sppx.loaders import tuning_loader
 from sppx.wikitext import clean_wikitext, iter_articles
@@ -222,10 +222,6 @@ def text_blocks(path: Path) -> list[str]:
     return [b.strip() for b in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --------------------------------------------------------------------------- sources
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -253,7 +249,7 @@ class WikiText(Corpus):
         embedded_wiki_dump()
 
     def fingerprint(self) -> str:
-        return _file_digest(embedded_wiki_dump())
+        return file_digest(embedded_wiki_dump())
 
     def documents(self) -> list[tuple[str, str]]:
         return [(title, clean_wikitext(markup)) for title, markup in iter_articles(embedded_wiki_dump())]
@@ -297,7 +293,7 @@ class TextFiles(Corpus):
         self._files()
 
     def fingerprint(self) -> str:
-        return hashlib.sha256("".join(f"{p}:{_file_digest(p)}" for p in self._files()).encode()).hexdigest()
+        return hashlib.sha256("".join(f"{p}:{file_digest(p)}" for p in self._files()).encode()).hexdigest()
 
     def documents(self) -> list[tuple[str, str]]:
         docs = []

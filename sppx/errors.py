@@ -27,6 +27,12 @@ class RunError(RuntimeError):
     ``str(err)`` is one line saying what happened and what is left on disk."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's first line (its type name when it has no message), at most ``limit`` characters."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ``ConfigError(key, value, allowed)`` unless ``ok``."""
     if not ok:

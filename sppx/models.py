@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sppx.errors import ConfigError, is_int, require
+from sppx.errors import ConfigError, first_line, is_int, require
 from sppx.files import make_temp_folder, manifest_matches, write_manifest
 
 log = logging.getLogger(__name__)
@@ -265,11 +265,6 @@ class EmbeddedModel:
 
 # --------------------------------------------------------------------------- any HF model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from sppx.errors import ConfigError
+from sppx.errors import ConfigError, first_line
 from sppx.files import discard_cache, read_cache, write_cache
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,9 @@ def check_templates(task, key: str, entry: str) -> None:
         if getattr(task, "OUTPUT_TYPE", None) == "multiple_choice":
             task.doc_to_choice(doc)
     except SecurityError as err:
-        raise ConfigError(key, entry, f"its template is refused by the sandbox: {_first_line(err)}") from None
+        raise ConfigError(key, entry, f"its template is refused by the sandbox: {first_line(err)}") from None
     except TemplateError as err:
-        raise ConfigError(key, entry, f"its template does not render: {_first_line(err)}") from None
+        raise ConfigError(key, entry, f"its template does not render: {first_line(err)}") from None
 
 
 # --------------------------------------------------------------------------- loading tasks
@@ -188,11 +188,6 @@ class Tasks:
         return bool(self.tasks)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
 def _quiet_harness() -> None:
     for name in ("lm_eval", "lm-eval", "datasets", "evaluate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -204,7 +199,7 @@ def read_task_yaml(path: Path) -> dict:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(
-            "eval.tasks", str(path), f"could not read the task YAML: {_first_line(err)}"
+            "eval.tasks", str(path), f"could not read the task YAML: {first_line(err)}"
         ) from None
     if not isinstance(config, dict) or not isinstance(config.get("task"), str):
         raise ConfigError("eval.tasks", str(path), "a task YAML must be a mapping with a 'task' name")
@@ -271,10 +266,10 @@ def load_tasks(required: list[str], optional: list[str], cache_dir: Path) -> Tas
             raise ConfigError(
                 "eval.tasks" if is_required else "eval.tasks_optional",
                 entry,
-                f"its template is refused by the sandbox: {_first_line(err)}",
+                f"its template is refused by the sandbox: {first_line(err)}",
             ) from None
         except Exception as err:
-            why = f"its dataset could not be loaded ({_first_line(err)})"
+            why = f"its dataset could not be loaded ({first_line(err)})"
             if not is_required:
                 log.warning("zero-shot task %s skipped: %s", name, why)
                 out.skipped[name] = why
