@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, SPPAdapter
 from sppx.evaluate import next_token_nll
@@ -46,8 +46,11 @@ def interleaved(fns: list, rounds: int) -> list[float]:
 
 
 def default_adapter(name: str):
-    """The adapter exactly as ``adapter=<name>`` builds it (its conf/adapter file)."""
-    return instantiate(OmegaConf.load(ROOT / "conf" / "adapter" / f"{name}.yaml"), _convert_="all")
+    """The adapter exactly as ``adapter=<name>`` builds it (its conf/adapter file, composed by Hydra:
+    the file's defaults list supplies shared keys such as ``targets``)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"adapter={name}"])
+    return instantiate(cfg.adapter, _convert_="all")
 
 
 def train_step_fn(base, ids, adapter, checkpointing: bool = False):
