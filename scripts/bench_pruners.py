@@ -29,13 +29,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sppx.anatomy import decoder_layers, prunable_linears
 from sppx.data import TokenizedCorpus, WikiText, calibration_windows, consecutive_windows
 from sppx.evaluate import perplexity
 from sppx.models import EmbeddedModel, TinyLlama, default_cache_dir
 from sppx.profiling import PeakMemory, Stopwatch
 from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.owl import layer_sparsities
-from sppx.pruning.sequential import decoder_layers, prunable_linears
 
 PRUNERS = {
     "magnitude": lambda bs: MagnitudePruner(batch_size=bs),

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from sppx.anatomy import layers_prefix, prunable_linears
 from sppx.errors import RunError
 from sppx.files import make_temp_folder
-from sppx.pruning.sequential import layers_prefix, prunable_linears
 
 
 class SparsityViolation(RunError, AssertionError):

@@ -11,17 +11,25 @@ step ``k`` of ``steps`` keeps the weights whose level is above ``k``. Within eac
 pruner removed are ordered by its score, and at step ``k`` the lowest ``floor(k / steps * c)`` of the
 row's ``c`` pruned weights are removed, so every mask contains the kept weights of every later one and
 step ``steps`` is exactly the pruner's mask. Kept weights have level 255 (never removed).
+
+:class:`DenseKeeper` lets the one-shot calibration engine compute the masks while leaving the weights
+dense (and records the nested levels), so the masks can then be attached to the intact model.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sppx.pruning.sequential import replace_module
+from sppx.anatomy import replace_module
+
+if TYPE_CHECKING:
+    from sppx.pruning.base import Pruner
+    from sppx.pruning.masks import SparsityPattern
 
 NEVER = 255  # level of a weight the pruner kept
 MAX_STEPS = NEVER - 1
@@ -224,3 +232,30 @@ class StudentMasks:
             replace_module(self.model, name, mod.baked())
             names.append(name)
         return names
+
+
+class DenseKeeper:
+    """Keeps the dense weights through pruning: a block's weights are copied before its Linears are
+    pruned and written back once its (pruned) outputs are computed, so only one block is ever copied.
+    With ``steps``, the nested-mask levels of every pruned Linear are recorded from the pruner's scores."""
+
+    def __init__(self, pruner: Pruner, steps: int = 0):
+        self.pruner, self.steps = pruner, steps
+        self.levels: dict[str, torch.Tensor] = {}
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def prune(self, name: str, linear: nn.Linear, stats, sparsity: float, pattern: SparsityPattern):
+        self._saved.append((linear.weight, linear.weight.detach().clone()))
+        scores = self.pruner.score(linear, stats) if self.steps else None
+        if self.steps and scores is None:
+            raise ValueError(f"pruner {self.pruner.name} has no fixed score to order nested masks by")
+        keep = self.pruner.prune(linear, stats, sparsity, pattern)
+        if self.steps:
+            self.levels[name] = nested_levels(scores, keep, self.steps).cpu()
+        return keep
+
+    @torch.no_grad()
+    def restore(self, _block_index: int | None = None) -> None:
+        for weight, dense in self._saved:
+            weight.copy_(dense)
+        self._saved.clear()

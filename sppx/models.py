@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS
 from sppx.errors import ConfigError, first_line, is_int, require
 from sppx.files import make_temp_folder, manifest_matches, write_manifest
 
@@ -80,9 +81,7 @@ def load_pretrained(path, dtype: str = "float32", **kwargs) -> PreTrainedModel:
 # --------------------------------------------------------------------------- per-layer widths
 # A structured export whose decoder layers keep different numbers of heads or neurons cannot be described
 # by the standard config keys alone. It keeps them at the dense model's values and adds one entry per
-# decoder layer (in order) under this key; see docs/structured.md.
-LAYER_WIDTHS_KEY = "sppx_layer_widths"
-WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+# decoder layer (in order) under LAYER_WIDTHS_KEY (sppx.anatomy); see docs/structured.md.
 
 
 def layer_widths(config) -> list[dict] | None:

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, MaskedLoRALinear, load_adapter
+from sppx.anatomy import prunable_linears
 from sppx.errors import ConfigError
 from sppx.models import TinyLlama
 from sppx.pipeline import run
 from sppx.pruning import SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import prunable_linears
 from tests.conftest import compose_config, tiny_run_overrides
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

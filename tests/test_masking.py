@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from sppx.adapters import LoRAAdapter, MaskedLoRAAdapter, SPPAdapter
-from sppx.masking import NEVER, MaskedLinear, StudentMasks, masked_linear, nested_levels
+from sppx.anatomy import prunable_linears
+from sppx.masking import NEVER, DenseKeeper, MaskedLinear, StudentMasks, masked_linear, nested_levels
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import DenseKeeper, prunable_linears
 from tests.conftest import parameter_storages
 
 UNSTRUCTURED = SparsityPattern("unstructured")

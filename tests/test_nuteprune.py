@@ -11,6 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from sppx.adapters import LoRAAdapter
+from sppx.anatomy import Dims
 from sppx.errors import ConfigError, RunError
 from sppx.pipeline import build
 from sppx.pruning.structured.base import StructuredContext
@@ -34,10 +36,11 @@ from sppx.pruning.structured.nuteprune import (
     Snapshot,
     TeacherSchedule,
     UnitGates,
+    distills,
     expected_sparsity,
     target_at,
 )
-from sppx.pruning.structured.units import Dims, shrink_model
+from sppx.pruning.structured.units import shrink_model
 from sppx.teachers import DenseTeacher, NoTeacher, NumerousTeacher
 from tests.conftest import CONF_DIR, parameter_storages
 
@@ -69,7 +72,9 @@ def run_select(model, sparsity: float, teacher=None, **fields):
     pruner = NutePrunePruner(**fields)
     d = Dims.of(model.config)
     budget = pruner.budget(d, sparsity)
-    ctx = StructuredContext(train=windows(), teacher=teacher, progress=False, seed=0)
+    ctx = StructuredContext(
+        train=windows(), teacher=teacher, progress=False, seed=0, lora_factory=LoRAAdapter
+    )
     return pruner, budget, pruner.select(model, budget, ctx)
 
 
@@ -180,7 +185,7 @@ def test_expected_sparsity_equals_a_hand_count(tiny):
 # --------------------------------------------------------------------------- mask learning
 def test_gates_start_open_and_the_target_ramps_from_zero(tiny):
     model, _ = tiny
-    learner = MaskLearner(model, NutePrunePruner(), 0.3, numerous(), seed=0)
+    learner = MaskLearner(model, NutePrunePruner(), 0.3, numerous(), seed=0, lora_factory=LoRAAdapter)
     heads, neurons = learner.gates.kinds["heads"].log_alpha, learner.gates.kinds["neurons"].log_alpha
     assert heads.mean().item() == pytest.approx(10.0, abs=0.01)
     assert neurons.mean().item() == pytest.approx(math.log(0.99 / 0.01), abs=0.01)
@@ -193,6 +198,26 @@ def test_gates_start_open_and_the_target_ramps_from_zero(tiny):
     terms = learner.losses(windows(2, 16), 0, learner.gates.sample(torch.Generator().manual_seed(0)))
     assert terms["target_sparsity"] == 0.0 and terms["expected_sparsity"].item() < 0.02
     learner.release()
+
+
+def test_the_lora_comes_from_the_context_and_only_distillers_teach(tiny):
+    model, _ = tiny
+    pruner = NutePrunePruner(**TINY)
+    budget = pruner.budget(Dims.of(model.config), 0.3)
+    with pytest.raises(RunError, match=r"^pruner=nuteprune needs a LoRA factory in its context$"):
+        pruner.select(model, budget, StructuredContext(train=windows(), progress=False))
+    assert not distills(None) and not distills(NoTeacher())
+    assert distills(DenseTeacher()) and distills(numerous())
+    assert MaskLearner(model, pruner, 0.3, NoTeacher(), lora_factory=LoRAAdapter).teacher is None
+    built = []
+
+    def factory(**kwargs):
+        built.append(kwargs)
+        return LoRAAdapter(**kwargs)
+
+    learner = MaskLearner(model, pruner, 0.3, numerous(), lora_factory=factory)
+    assert built == [{"r": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}]
+    assert isinstance(learner.lora, LoRAAdapter) and learner.teacher is not None
 
 
 def test_log_alpha_stays_within_the_clamp_after_training_steps(tiny):
@@ -351,7 +376,7 @@ def test_a_numerous_run_in_which_no_snapshot_taught_fails(tiny):
 def test_a_teacher_pass_reuses_the_students_storage(tiny):
     model, _ = tiny
     pruner = NutePrunePruner(steps=2)
-    learner = MaskLearner(model, pruner, 0.3, numerous(), seed=0)
+    learner = MaskLearner(model, pruner, 0.3, numerous(), seed=0, lora_factory=LoRAAdapter)
     learner.install()
     with torch.no_grad():
         learner.gates.kinds["neurons"].log_alpha[:, :40] = -3.0  # some gates closing
@@ -389,7 +414,14 @@ def test_a_teacher_pass_reuses_the_students_storage(tiny):
 
 def test_dense_teacher_gives_zero_distillation_loss_with_open_gates_at_step_0(tiny):
     model, _ = tiny
-    learner = MaskLearner(model, NutePrunePruner(), 0.3, DenseTeacher(lm_weight=0.0, hidden_weight=1.0), 0)
+    learner = MaskLearner(
+        model,
+        NutePrunePruner(),
+        0.3,
+        DenseTeacher(lm_weight=0.0, hidden_weight=1.0),
+        0,
+        lora_factory=LoRAAdapter,
+    )
     learner.install()  # LoRA B starts at zero, the multipliers at zero
     ids = windows(2, 16)
     terms = learner.losses(ids, 0, learner.gates.ones())

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from sppx.anatomy import block_linears, decoder_layers, prunable_linears
 from sppx.errors import ConfigError
 from sppx.models import TinyLlama
 from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.owl import block_outlier_ratios, layer_sparsities, outlier_ratio, owl_sparsities
-from sppx.pruning.sequential import block_linears, decoder_layers, prunable_linears
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

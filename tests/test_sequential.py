@@ -6,16 +6,10 @@ import math
 import pytest
 import torch
 
+from sppx.anatomy import block_linears, decoder_layers, prunable_linears, sequential_groups
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import (
-    block_linears,
-    capture_block_inputs,
-    collect_stats,
-    decoder_layers,
-    prunable_linears,
-    sequential_groups,
-)
+from sppx.pruning.sequential import capture_block_inputs, collect_stats
 from sppx.pruning.wanda import wanda_scores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

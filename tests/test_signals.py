@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-import sppx.pipeline as pipeline
+import sppx.pipeline.stages as stages
 from sppx.data import TokenizedCorpus
 from sppx.interrupts import Interrupted
 from sppx.pipeline import run
@@ -45,10 +45,10 @@ def signal_then(original, signum):
 
 STAGES = {  # stage -> (object, attribute) whose call is the moment the signal arrives
     "load": (TokenizedCorpus, "build"),
-    "prune": (pipeline, "prune_model"),
-    "eval": (pipeline, "perplexity"),
-    "merge": (pipeline, "verify_model_zeros"),
-    "export": (pipeline, "verify_saved_zeros"),  # inside the export's temporary folder
+    "prune": (stages, "prune_model"),
+    "eval": (stages, "perplexity"),
+    "merge": (stages, "verify_model_zeros"),
+    "export": (stages, "verify_saved_zeros"),  # inside the export's temporary folder
 }
 
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sppx.anatomy import Dims, decoder_layers
 from sppx.errors import ConfigError
 from sppx.models import TinyLlama
 from sppx.pipeline import plan, run
-from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured import (
     COMPPruner,
-    Dims,
     FLAPPruner,
     LLMPrunerPruner,
     MagnitudeStructuredPruner,

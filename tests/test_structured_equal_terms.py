@@ -12,14 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sppx.anatomy import LAYER_WIDTHS_KEY, Dims, decoder_layers
 from sppx.errors import ConfigError
 from sppx.export import save_model
-from sppx.models import LAYER_WIDTHS_KEY, TinyLlama, byte_tokenizer, load_pretrained
+from sppx.models import TinyLlama, byte_tokenizer, load_pretrained
 from sppx.pipeline import run
-from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured import (
     COMPPruner,
-    Dims,
     FLAPPruner,
     LLMPrunerPruner,
     MagnitudeStructuredPruner,

@@ -13,10 +13,9 @@ from torch import nn
 from sppx.adapters import SPPAdapter
 from sppx.distill import hidden_mse, layer_mse_sum, logit_kl
 from sppx.errors import ConfigError, RunError
-from sppx.masking import StudentMasks
+from sppx.masking import DenseKeeper, StudentMasks
 from sppx.pipeline import plan, run
 from sppx.pruning import MagnitudePruner, SparsityPattern, prune_model
-from sppx.pruning.sequential import DenseKeeper
 from sppx.summary import summary_table
 from sppx.teachers import DenseTeacher, NumerousSchedule, NumerousTeacher, TeacherPass
 from tests.conftest import compose_config, parameter_storages, tiny_run_overrides

@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sppx.anatomy import PROJECTIONS, prunable_linears, replace_module
 from sppx.errors import is_int, is_number, require
 from sppx.masking import MaskedLinear
-from sppx.pruning.base import PROJECTIONS
-from sppx.pruning.sequential import prunable_linears, replace_module
 
 # sppx's own adapters (SPP, masked LoRA) under names no other tool claims; LoRA is saved in peft's format
 # (adapter_config.json + adapter_model.safetensors), which PeftModel.from_pretrained loads.

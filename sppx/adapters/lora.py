@@ -23,11 +23,10 @@ from sppx.adapters.base import (
     Adapter,
     WrappingAdapter,
     check_scale_args,
-    replace_module,
 )
+from sppx.anatomy import prunable_linears, replace_module
 from sppx.errors import ConfigError, require
 from sppx.masking import MaskedLinear, apply_keep, forward_keep, student_weight
-from sppx.pruning.sequential import prunable_linears
 
 PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules in its files
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sppx.anatomy import PROJECTIONS
 from sppx.errors import ConfigError, is_number, require, require_positive_int
 from sppx.pruning.masks import SparsityPattern
 
 ALLOCATIONS = ("uniform", "owl")
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def check_device(key: str, device) -> None:

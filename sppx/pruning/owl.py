@@ -13,14 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sppx.anatomy import block_linears, decoder_layers
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
-from sppx.pruning.sequential import (
-    block_linears,
-    capture_block_inputs,
-    collect_stats,
-    decoder_layers,
-)
+from sppx.pruning.sequential import capture_block_inputs, collect_stats
 from sppx.pruning.wanda import InputNorms, wanda_scores
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sppx.anatomy import prunable_linears
+
 
 def is_2_4(weight: torch.Tensor) -> bool:
     """Whether every group of 4 consecutive weights along a row holds at most 2 nonzeros."""
@@ -41,8 +43,6 @@ def semi_structured_model(
     """A ``dtype`` copy of a CUDA model whose 2:4 target Linears use semi-structured sparse weights
     (the original is left as it is)."""
     import copy
-
-    from sppx.pruning.sequential import prunable_linears
 
     if next(model.parameters()).device.type != "cuda":
         raise ValueError("semi-structured kernels need the model on a CUDA device")

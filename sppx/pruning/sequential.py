@@ -16,6 +16,8 @@ import weakref
 import torch
 from torch import nn
 
+from sppx.anatomy import block_linears, block_output, decoder_layers, layers_prefix, sequential_groups
+from sppx.masking import DenseKeeper
 from sppx.profiling import Stopwatch
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
@@ -24,63 +26,74 @@ from sppx.pruning.masks import SparsityPattern
 log = logging.getLogger(__name__)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-family causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(
-            f"{type(model).__name__}: expected decoder blocks at model.model.layers (Llama family)"
-        )
-    return layers
-
-
-def layers_prefix(model: nn.Module) -> str:
-    """The module name of the decoder blocks' ModuleList (``model.layers``)."""
-    layers = decoder_layers(model)
-    return next(name for name, mod in model.named_modules() if mod is layers)
-
-
-def block_linears(block: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    """Linears of one block whose last name component is in ``targets``, by their name in the block."""
-    found = {
-        name: mod
-        for name, mod in block.named_modules()
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    }
-    return dict(sorted(found.items(), key=lambda kv: targets.index(kv[0].rsplit(".", 1)[-1])))
-
-
-def prunable_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    """Every targeted Linear of the decoder, by its full module name."""
-    layers, prefix = decoder_layers(model), layers_prefix(model)
-    return {
-        f"{prefix}.{i}.{name}": lin
-        for i, block in enumerate(layers)
-        for name, lin in block_linears(block, targets).items()
-    }
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted module path ``name`` of ``root``."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-# The order of true_sequential pruning inside a block (SparseGPT's option); other targets come last.
-SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-
-
-def sequential_groups(names: list[str]) -> list[list[str]]:
-    """Split a block's Linear names into the true_sequential groups, in order, dropping empty ones."""
-    groups = [[n for n in names if n.rsplit(".", 1)[-1] in kinds] for kinds in SEQUENTIAL_ORDER]
-    placed = {n for g in groups for n in g}
-    groups.append([n for n in names if n not in placed])
-    return [g for g in groups if g]
-
-
 class _StopBlock(Exception):
     """Raised inside a block once every needed Linear input has been seen: the rest is not computed."""
+
+
+class _StatsHooks:
+    """The forward pre-hooks of :func:`collect_stats`: one statistics accumulator per distinct input.
+
+    Linears fed the very same tensor in a batch share the accumulator of the first one fed it; the
+    sharing is fixed by the first batch and checked on every later one.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], pruner: Pruner, stop_early: bool) -> None:
+        self.linears = linears
+        self.pruner = pruner
+        self.stop_early = stop_early  # raise _StopBlock once every Linear of the batch has been fed
+        self.stats: dict = {}
+        self.owner: dict[str, str] = {}  # Linear -> the Linear whose accumulator it shares
+        # Input tensors seen in this batch (by id, with a weak reference: an id can be reused once its
+        # tensor is freed, and holding the tensors would keep memory alive) -> the first Linear fed each.
+        self.batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
+        self.pending: set[str] = set()
+        self.first_batch = True
+
+    def start_batch(self) -> None:
+        self.pending.update(self.linears)
+        self.batch_inputs.clear()
+
+    def check_all_fed(self) -> None:
+        """After a full forward: every Linear must have been fed."""
+        if self.pending:
+            raise RuntimeError(f"{', '.join(sorted(self.pending))}: not called by the block's forward")
+
+    def end_batch(self) -> None:
+        self.first_batch = False
+
+    def first_fed(self, name: str, x: torch.Tensor) -> str:
+        """The first Linear of this batch fed the very tensor ``x`` (``name`` itself when it is)."""
+        seen = self.batch_inputs.get(id(x))
+        if seen is not None and seen[0]() is x:
+            return seen[1]
+        self.batch_inputs[id(x)] = (weakref.ref(x), name)
+        return name
+
+    def share(self, name: str, first: str) -> None:
+        """Give ``name`` the accumulator of ``first`` (a new one if it is ``name``) on the first batch;
+        on later batches, check that the same Linear comes first."""
+        if self.first_batch:
+            self.owner[name] = first
+            if first == name:
+                self.stats[name] = self.pruner.new_stats(self.linears[name])
+            else:
+                self.stats[name] = self.stats[first]
+        elif self.owner[name] != first:
+            raise RuntimeError(f"{name}: its input changed identity between calibration batches")
+
+    def hook(self, name: str):
+        """The forward pre-hook of the Linear ``name``."""
+
+        def pre_hook(_module, args):
+            x = args[0]
+            self.share(name, self.first_fed(name, x))
+            if self.owner[name] == name and self.stats[name] is not None:
+                self.stats[name].add(x)
+            self.pending.discard(name)
+            if not self.pending and self.stop_early:
+                raise _StopBlock
+
+        return pre_hook
 
 
 @torch.no_grad()
@@ -95,65 +108,27 @@ def collect_stats(
     projection. Linears fed the very same tensor (q, k, v; gate, up) share one accumulator, so a
     Hessian is built once per distinct input.
     """
-    stats: dict = {}
-    owner: dict[str, str] = {}  # Linear -> the Linear whose accumulator it shares
-    # Input tensors seen in this batch (by id, with a weak reference: an id can be reused once its
-    # tensor is freed, and holding the tensors would keep memory alive) -> the first Linear fed each.
-    batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
-    pending: set[str] = set()
-    first_batch = True
-
-    def pre_hook(name):
-        def hook(_module, args):
-            x = args[0]
-            seen = batch_inputs.get(id(x))
-            if seen is not None and seen[0]() is x:
-                first = seen[1]
-            else:
-                batch_inputs[id(x)] = (weakref.ref(x), name)
-                first = name
-            if first_batch:
-                owner[name] = first
-                if first == name:
-                    stats[name] = pruner.new_stats(linears[name])
-                else:
-                    stats[name] = stats[first]
-            elif owner[name] != first:
-                raise RuntimeError(f"{name}: its input changed identity between calibration batches")
-            if owner[name] == name and stats[name] is not None:
-                stats[name].add(x)
-            pending.discard(name)
-            if not pending and outputs is None:
-                raise _StopBlock
-
-        return hook
-
-    hooks = [lin.register_forward_pre_hook(pre_hook(name)) for name, lin in linears.items()]
+    state = _StatsHooks(linears, pruner, stop_early=outputs is None)
+    hooks = [lin.register_forward_pre_hook(state.hook(name)) for name, lin in linears.items()]
     try:
         for hidden, kwargs in inputs:
-            pending.update(linears)
-            batch_inputs.clear()
+            state.start_batch()
             try:
                 out = block(hidden, **kwargs)
             except _StopBlock:
                 pass
             else:
-                if pending:
-                    raise RuntimeError(f"{', '.join(sorted(pending))}: not called by the block's forward")
-                outputs.append((_block_output(out), kwargs))
-            first_batch = False
+                state.check_all_fed()
+                outputs.append((block_output(out), kwargs))
+            state.end_batch()
     finally:
         for h in hooks:
             h.remove()
-    return {name: stats[name] for name in linears}
+    return {name: state.stats[name] for name in linears}
 
 
 class _Captured(Exception):
     pass
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -219,40 +194,78 @@ def run_blocks(
         visit(i, block, inputs)
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
-                inputs = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+                inputs = [(block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         if after is not None:
             after(i)
         if device is not None:
             block.to(home)
 
 
-class DenseKeeper:
-    """Keeps the dense weights through pruning: a block's weights are copied before its Linears are
-    pruned and written back once its (pruned) outputs are computed, so only one block is ever copied.
-    With ``steps``, the nested-mask levels of every pruned Linear are recorded from the pruner's scores."""
+def _layer_sparsities(sparsity: float | list[float], n_layers: int) -> list[float]:
+    """One sparsity per decoder block: ``sparsity`` repeated, or the per-block list, checked for length."""
+    per_layer = list(sparsity) if isinstance(sparsity, (list, tuple)) else [float(sparsity)] * n_layers
+    if len(per_layer) != n_layers:
+        raise ValueError(f"{len(per_layer)} layer sparsities for {n_layers} decoder blocks")
+    return per_layer
 
-    def __init__(self, pruner: Pruner, steps: int = 0):
-        self.pruner, self.steps = pruner, steps
-        self.levels: dict[str, torch.Tensor] = {}
-        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def prune(self, name: str, linear: nn.Linear, stats, sparsity: float, pattern: SparsityPattern):
-        from sppx.masking import nested_levels
+class _MaskRecorder:
+    """Prunes the targeted Linears of decoder blocks and records their keep-masks by full module name."""
 
-        self._saved.append((linear.weight, linear.weight.detach().clone()))
-        scores = self.pruner.score(linear, stats) if self.steps else None
-        if self.steps and scores is None:
-            raise ValueError(f"pruner {self.pruner.name} has no fixed score to order nested masks by")
-        keep = self.pruner.prune(linear, stats, sparsity, pattern)
-        if self.steps:
-            self.levels[name] = nested_levels(scores, keep, self.steps).cpu()
-        return keep
+    def __init__(
+        self,
+        pruner: Pruner,
+        per_layer: list[float],
+        pattern: SparsityPattern,
+        prefix: str,
+        watch: Stopwatch,
+        keeper: DenseKeeper | None,
+    ) -> None:
+        self.pruner = pruner
+        self.per_layer = per_layer
+        self.pattern = pattern
+        self.prefix = prefix
+        self.watch = watch
+        self.keeper = keeper
+        self.masks: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
-    def restore(self, _block_index: int | None = None) -> None:
-        for weight, dense in self._saved:
-            weight.copy_(dense)
-        self._saved.clear()
+    def prune_linear(self, i: int, name: str, linear: nn.Linear, stats) -> None:
+        """Prune (or, with a keeper, only mask) the Linear ``name`` of block ``i``; record its mask."""
+        full = f"{self.prefix}.{i}.{name}"
+        if self.keeper is None:
+            keep = self.pruner.prune(linear, stats, self.per_layer[i], self.pattern)
+        else:
+            keep = self.keeper.prune(full, linear, stats, self.per_layer[i], self.pattern)
+        self.masks[full] = keep.cpu() if self.pruner.device is not None else keep  # masks stay with the model
+
+    def prune_weights_only(self, layers: nn.ModuleList, progress: bool) -> None:
+        """Prune every block from its weights alone (a pruner that collects no statistics)."""
+        pruner = self.pruner
+        for i, block in enumerate(bar(layers, desc=f"prune ({pruner.name})", disable=not progress)):
+            home = next(block.parameters()).device
+            if pruner.device is not None:
+                block.to(pruner.device)
+            for name, linear in block_linears(block, pruner.targets).items():
+                with self.watch("masks"):
+                    self.prune_linear(i, name, linear, None)
+            if self.keeper is not None:
+                self.keeper.restore()
+            if pruner.device is not None:
+                block.to(home)
+
+    def prune_block(self, i: int, block: nn.Module, inputs) -> None:
+        """Measure block ``i`` on its calibration inputs and prune it, group by group."""
+        linears = block_linears(block, self.pruner.targets)
+        groups = sequential_groups(list(linears)) if self.pruner.true_sequential else [list(linears)]
+        for group in groups:
+            # With true_sequential, each group's statistics see the already pruned earlier groups.
+            group_linears = {name: linears[name] for name in group}
+            with self.watch("statistics"):
+                stats = collect_stats(block, group_linears, self.pruner, inputs)
+            with self.watch("masks"):
+                for name, linear in group_linears.items():
+                    self.prune_linear(i, name, linear, stats[name])
+            del stats
 
 
 @torch.no_grad()
@@ -271,63 +284,29 @@ def prune_model(
     ``sparsity`` is one fraction for every block, or one per block (a layer-wise allocation such as OWL).
     ``watch`` (optional) accumulates the time of each phase: capture, statistics, masks, block outputs.
     With a ``keeper``, the masks are computed exactly the same way (each block still sees the pruned
-    blocks before it) but the weights are left dense; see :class:`DenseKeeper`.
+    blocks before it) but the weights are left dense; see :class:`~sppx.masking.DenseKeeper`.
     """
     watch = watch or Stopwatch()
     layers, prefix = decoder_layers(model), layers_prefix(model)
-    per_layer = list(sparsity) if isinstance(sparsity, (list, tuple)) else [float(sparsity)] * len(layers)
-    if len(per_layer) != len(layers):
-        raise ValueError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder blocks")
-    masks: dict[str, torch.Tensor] = {}
-
-    def prune_one(i: int, name: str, linear: nn.Linear, stats) -> None:
-        full = f"{prefix}.{i}.{name}"
-        if keeper is None:
-            keep = pruner.prune(linear, stats, per_layer[i], pattern)
-        else:
-            keep = keeper.prune(full, linear, stats, per_layer[i], pattern)
-        masks[full] = keep.cpu() if pruner.device is not None else keep  # the masks stay with the model
+    per_layer = _layer_sparsities(sparsity, len(layers))
+    recorder = _MaskRecorder(pruner, per_layer, pattern, prefix, watch, keeper)
 
     if not pruner.collects_stats:
-        for i, block in enumerate(bar(layers, desc=f"prune ({pruner.name})", disable=not progress)):
-            home = next(block.parameters()).device
-            if pruner.device is not None:
-                block.to(pruner.device)
-            for name, linear in block_linears(block, pruner.targets).items():
-                with watch("masks"):
-                    prune_one(i, name, linear, None)
-            if keeper is not None:
-                keeper.restore()
-            if pruner.device is not None:
-                block.to(home)
-        return masks
+        recorder.prune_weights_only(layers, progress)
+        return recorder.masks
 
     if calibration is None:
         raise ValueError(f"pruner {pruner.name} needs calibration windows")
-
-    def prune_block(i: int, block: nn.Module, inputs) -> None:
-        linears = block_linears(block, pruner.targets)
-        groups = sequential_groups(list(linears)) if pruner.true_sequential else [list(linears)]
-        for group in groups:
-            # With true_sequential, each group's statistics see the already pruned earlier groups.
-            group_linears = {name: linears[name] for name in group}
-            with watch("statistics"):
-                stats = collect_stats(block, group_linears, pruner, inputs)
-            with watch("masks"):
-                for name, linear in group_linears.items():
-                    prune_one(i, name, linear, stats[name])
-            del stats
-
     with watch("capture"):
         inputs = capture_block_inputs(model, calibration, pruner.batch_size)
     run_blocks(
         layers,
         inputs,
-        prune_block,
+        recorder.prune_block,
         progress,
         f"prune ({pruner.name})",
         watch,
         after=keeper.restore if keeper is not None else None,
         device=pruner.device,
     )
-    return masks
+    return recorder.masks

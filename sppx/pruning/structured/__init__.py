@@ -1,6 +1,7 @@
 """Structured pruning: whole layers, attention heads and FFN neurons removed, the model physically
 smaller (units), COMP and NutePrune, and the LLM-Pruner / FLAP / ShortGPT / magnitude baselines."""
 
+from sppx.anatomy import Dims
 from sppx.pruning.structured.base import OneShotStructured, StructuredContext, StructuredPruner
 from sppx.pruning.structured.baselines import (
     FLAPPruner,
@@ -10,7 +11,7 @@ from sppx.pruning.structured.baselines import (
 )
 from sppx.pruning.structured.comp import COMPPruner
 from sppx.pruning.structured.nuteprune import NutePrunePruner
-from sppx.pruning.structured.units import Budget, Dims, Structure, allocate, mask_model, shrink_model
+from sppx.pruning.structured.units import Budget, Structure, allocate, mask_model, shrink_model
 
 __all__ = [
     "Budget",

@@ -9,23 +9,23 @@ physically (:func:`~sppx.pruning.structured.units.shrink_model`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from sppx.anatomy import PROJECTIONS, Dims, block_output, decoder_layers
 from sppx.errors import is_int, is_number, require, require_positive_int
 from sppx.profiling import Stopwatch
 from sppx.progress import bar
-from sppx.pruning.base import PROJECTIONS
 from sppx.pruning.masks import SparsityPattern
-from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers
+from sppx.pruning.sequential import capture_block_inputs, collect_stats
 from sppx.pruning.structured.units import (
     HEAD_MODES,
     LAYER_RANGES,
     UNITS,
     Budget,
-    Dims,
     Structure,
     allocate,
     pruned_span,
@@ -38,7 +38,10 @@ SPARSITY_TOLERANCE = 0.02
 @dataclass
 class StructuredContext:
     """What a structured pruner may use besides the model: calibration windows, and (for pruners that
-    train masks) tuning windows, the teacher strategy, the logger and the seed."""
+    train masks) tuning windows, the teacher strategy, the logger and the seed. ``lora_factory`` builds
+    the LoRA a mask-training pruner tunes alongside its masks (NutePrune): called with the keyword
+    arguments ``r``, ``alpha``, ``dropout`` and ``targets``, it returns an adapter such as
+    :class:`sppx.adapters.LoRAAdapter`. It is passed in so that pruners import no tuning code."""
 
     calibration: torch.Tensor | None = None
     progress: bool = True
@@ -48,6 +51,7 @@ class StructuredContext:
     logger: object = None
     seed: int = 0
     output_dir: object = None
+    lora_factory: Callable[..., object] | None = None
 
 
 @dataclass
@@ -209,11 +213,6 @@ class StatsFactory:
 
     def new_stats(self, linear: nn.Linear) -> InputStats:
         return InputStats(linear.in_features, self.gram)
-
-
-def block_output(out) -> torch.Tensor:
-    """The hidden states a decoder block returns (alone or first in a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()

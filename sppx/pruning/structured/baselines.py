@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sppx.anatomy import Dims, decoder_layers
 from sppx.errors import require, require_positive_int
 from sppx.evaluate import next_token_nll
 from sppx.progress import bar
-from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured.base import (
     InputStats,
     OneShotStructured,
@@ -40,7 +40,6 @@ from sppx.pruning.structured.base import (
 )
 from sppx.pruning.structured.units import (
     Budget,
-    Dims,
     Structure,
     add_bias,
     head_columns,

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sppx.anatomy import Dims, decoder_layers
 from sppx.errors import is_number, require, require_fraction
-from sppx.pruning.sequential import capture_block_inputs, collect_stats, decoder_layers, run_blocks
+from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_blocks
 from sppx.pruning.structured.base import (
     OneShotStructured,
     StatsFactory,
@@ -35,7 +36,6 @@ from sppx.pruning.structured.base import (
 )
 from sppx.pruning.structured.units import (
     Budget,
-    Dims,
     Structure,
     heads_to_remove,
     keep_all_but,

@@ -45,22 +45,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sppx.adapters.lora import LoRAAdapter
+from sppx.anatomy import PROJECTIONS, Dims, decoder_layers
 from sppx.errors import RunError, is_int, is_number, require, require_fraction, require_positive_int
 from sppx.evaluate import next_token_nll
-from sppx.pruning.base import PROJECTIONS
-from sppx.pruning.sequential import decoder_layers
 from sppx.pruning.structured.base import StructuredContext, StructuredPruner
 from sppx.pruning.structured.hard_concrete import HardConcrete, soft_gate
 from sppx.pruning.structured.units import (
     Budget,
-    Dims,
     Structure,
     heads_to_remove,
     keep_all_but,
     lowest_units,
 )
-from sppx.teachers import Distiller
 
 TEACHERS = ("none", "dense", "numerous")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -408,6 +404,14 @@ def teacher_sparsity(teacher) -> float | None:
     return 0.0 if teacher == INTACT else None
 
 
+def distills(teacher) -> bool:
+    """Whether ``teacher`` teaches by distillation (its decoder outputs and a distillation loss, as
+    :class:`sppx.teachers.Distiller`), not the LM loss alone (:class:`sppx.teachers.NoTeacher`, None)."""
+    return callable(getattr(teacher, "decoder_outputs", None)) and callable(
+        getattr(teacher, "distillation", None)
+    )
+
+
 # --------------------------------------------------------------------------- mask learning
 class MaskLearner(pl.LightningModule):
     """Learns the gates (and LoRA, and the Lagrange multipliers) of one model.
@@ -415,14 +419,23 @@ class MaskLearner(pl.LightningModule):
     :meth:`install` wraps the model (LoRA, gate hooks); :meth:`release` merges the LoRA and removes
     everything it added, leaving plain Linears."""
 
-    def __init__(self, model: nn.Module, pruner: NutePrunePruner, target: float, teacher, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: NutePrunePruner,
+        target: float,
+        teacher,
+        seed: int = 0,
+        *,
+        lora_factory: Callable[..., object],
+    ):
         super().__init__()
         self.model = model
         self.pruner = pruner
         self.target = target
         self.seed = seed
         self.d = Dims.of(model.config)
-        self.teacher = teacher if isinstance(teacher, Distiller) else None
+        self.teacher = teacher if distills(teacher) else None
         strategy = getattr(teacher, "name", NONE) if teacher is not None else NONE
         self.schedule = TeacherSchedule(
             strategy,
@@ -437,7 +450,7 @@ class MaskLearner(pl.LightningModule):
         )
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
-        self.lora = LoRAAdapter(
+        self.lora = lora_factory(
             r=pruner.lora_r, alpha=pruner.lora_alpha, dropout=0.0, targets=list(pruner.lora_targets)
         )
         self.generator: torch.Generator | None = None
@@ -641,6 +654,8 @@ class NutePrunePruner(StructuredPruner):
         return math.ceil(self.warmup * self.steps)
 
     def select(self, model: nn.Module, budget: Budget, ctx: StructuredContext) -> Structure:
+        if ctx.lora_factory is None:
+            raise RunError("pruner=nuteprune needs a LoRA factory in its context")
         train = ctx.train
         if train is None or train.numel() == 0:
             raise ValueError("nuteprune learns its masks on tuning windows: ctx.train is empty")
@@ -648,7 +663,7 @@ class NutePrunePruner(StructuredPruner):
         name = getattr(teacher, "name", NONE) if teacher is not None else NONE
         require(name in TEACHERS, "teacher", name, f"nuteprune supports: {', '.join(TEACHERS)}")
         target = budget.sparsity(Dims.of(model.config))
-        learner = MaskLearner(model, self, target, teacher, ctx.seed)
+        learner = MaskLearner(model, self, target, teacher, ctx.seed, lora_factory=ctx.lora_factory)
         start = time.perf_counter()
         with ctx.watch("mask learning"):
             trainer = self._fit(learner, train, ctx)

@@ -26,78 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sppx.errors import ConfigError
-from sppx.models import LAYER_WIDTHS_KEY, WIDTH_KEYS
-from sppx.pruning.sequential import decoder_layers
+from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS, Dims, decoder_layers
 
 UNITS = ("layers", "heads", "neurons")
 HEAD_MODES = ("query", "group")
 # LLM-Pruner prunes blocks 4..29 of LLaMA-7B's 32: the first 4/32 and the last 2/32 of the layers stay.
 REFERENCE_PROTECTED = (4 / 32, 2 / 32)
 LAYER_RANGES = ("all", "reference")
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The shapes that structured pruning counts in."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, config) -> Dims:
-        if getattr(config, LAYER_WIDTHS_KEY, None):
-            raise ConfigError(
-                "model",
-                LAYER_WIDTHS_KEY,
-                "has per-layer widths already: structured pruning needs uniform widths",
-            )
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(
-            layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            intermediate=config.intermediate_size,
-            heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-        )
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head."""
-        return self.heads // self.kv_heads
-
-    @property
-    def head_params(self) -> int:
-        """A query head: its q_proj rows and o_proj columns."""
-        return 2 * self.head_dim * self.hidden
-
-    @property
-    def kv_params(self) -> int:
-        """One key/value head: its k_proj and v_proj rows."""
-        return 2 * self.head_dim * self.hidden
-
-    @property
-    def neuron_params(self) -> int:
-        return 3 * self.hidden
-
-    @property
-    def attention_params(self) -> int:
-        return self.heads * self.head_params + self.kv_heads * self.kv_params
-
-    @property
-    def layer_params(self) -> int:
-        return self.attention_params + self.intermediate * self.neuron_params
-
-    @property
-    def total(self) -> int:
-        """The decoder's prunable parameters: every projection of every layer (biases not counted)."""
-        return self.layers * self.layer_params
 
 
 def round_half_up(x: float) -> int:
