@@ -93,12 +93,20 @@ def card_metadata(results: dict, title: str) -> str:
 def model_card(results: dict) -> str:
     """Markdown: what was done, the measured numbers, the measured sparsity per module type, the
     resolved config and the command that reproduces it (from a run's results)."""
-    ch, ppl, sp, params = (
-        without_paths(results["choices"]),
-        results["ppl"],
-        results["sparsity"],
-        results["params"],
+    return "\n".join(
+        [
+            *method_lines(results),
+            *metric_lines(results),
+            *zero_shot_lines(results.get("zeroshot")),
+            *speed_lines(results.get("speed")),
+            *sparsity_lines(results),
+            *reproduce_lines(results),
+        ]
     )
+
+
+def method_lines(results: dict) -> list[str]:
+    ch, sp = without_paths(results["choices"]), results["sparsity"]
     structured = (results.get("prune") or {}).get("structure")
     title = f"{ch['model']}, {ch['pruner']} {sp['pattern']}, {ch['adapter']} recovery"
     made = results.get("sppx") or {}
@@ -133,7 +141,12 @@ def model_card(results: dict) -> str:
             f"- Structure kept: {structured['layers']} layers with per-layer widths (query heads / K/V heads "
             f"/ FFN neurons): {widths}; the pruned units are removed from the matrices"
         )
-    lines += [
+    return lines
+
+
+def metric_lines(results: dict) -> list[str]:
+    ppl, params = results["ppl"], results["params"]
+    return [
         "",
         "## Metrics",
         "",
@@ -147,42 +160,55 @@ def model_card(results: dict) -> str:
         "",
         f"Parameters: {params['total']:,} ({params['nonzero']:,} nonzero).",
     ]
-    zs = results.get("zeroshot")
-    if zs and zs.get("stages"):
-        stages = list(zs["stages"])
-        lines += [
-            "",
-            "Zero-shot accuracy (lm-evaluation-harness"
-            + (f", at most {zs['limit']} examples per task" if zs.get("limit") else "")
-            + "):",
-            "",
-            "| task | " + " | ".join(stages) + " |",
-            "|---|" + "---|" * len(stages),
-        ]
-        for task in zs["tasks"]:
-            cells = [_num(zs["stages"][s].get(task, {}).get("acc"), ".4f") for s in stages]
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        lines.append("| mean | " + " | ".join(_num(zs["mean_acc"].get(s), ".4f") for s in stages) + " |")
-        if zs.get("skipped"):
-            lines.append(f"\nSkipped (dataset not available): {', '.join(zs['skipped'])}.")
-    speed = results.get("speed")
-    if speed and "final" in speed:
-        setup = speed["setup"]
-        lines += [
-            "",
-            f"Speed ({setup['device']}, {setup['threads']} threads, medians of {setup['repeats']} rounds "
-            "side by side with the dense model):",
-            "",
-            "| model | prefill tok/s | decode tok/s | prefill x dense | decode x dense |",
-            "|---|---|---|---|---|",
-        ]
-        for name, s in speed.items():
-            if name != "setup":
-                lines.append(
-                    f"| {name} | {s['prefill_tps']:.1f} | {s['decode_tps']:.2f} | {s['prefill_x']:.2f} | "
-                    f"{s['decode_x']:.2f} |"
-                )
-    lines += [
+
+
+def zero_shot_lines(zs: dict | None) -> list[str]:
+    if not (zs and zs.get("stages")):
+        return []
+    stages = list(zs["stages"])
+    lines = [
+        "",
+        "Zero-shot accuracy (lm-evaluation-harness"
+        + (f", at most {zs['limit']} examples per task" if zs.get("limit") else "")
+        + "):",
+        "",
+        "| task | " + " | ".join(stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for task in zs["tasks"]:
+        cells = [_num(zs["stages"][s].get(task, {}).get("acc"), ".4f") for s in stages]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| mean | " + " | ".join(_num(zs["mean_acc"].get(s), ".4f") for s in stages) + " |")
+    if zs.get("skipped"):
+        lines.append(f"\nSkipped (dataset not available): {', '.join(zs['skipped'])}.")
+    return lines
+
+
+def speed_lines(speed: dict | None) -> list[str]:
+    if not (speed and "final" in speed):
+        return []
+    setup = speed["setup"]
+    lines = [
+        "",
+        f"Speed ({setup['device']}, {setup['threads']} threads, medians of {setup['repeats']} rounds "
+        "side by side with the dense model):",
+        "",
+        "| model | prefill tok/s | decode tok/s | prefill x dense | decode x dense |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in speed.items():
+        if name != "setup":
+            lines.append(
+                f"| {name} | {s['prefill_tps']:.1f} | {s['decode_tps']:.2f} | {s['prefill_x']:.2f} | "
+                f"{s['decode_x']:.2f} |"
+            )
+    return lines
+
+
+def sparsity_lines(results: dict) -> list[str]:
+    sp = results["sparsity"]
+    structured = (results.get("prune") or {}).get("structure")
+    lines = [
         "",
         "## Measured sparsity",
         "",
@@ -193,17 +219,22 @@ def model_card(results: dict) -> str:
         "|---|---|",
         *(f"| {name} | {value:.4f} |" for name, value in sorted(sp["per_type"].items())),
     ]
-    if not structured and results["sparsity"].get("zeros_verified"):
+    if not structured and sp.get("zeros_verified"):
         lines.append(
             f"\nEvery one of the {sp['zeros_verified']:,} pruned weights was checked to be exactly 0.0 after "
             "the merge, and again in the saved safetensors files."
         )
-    lines += ["", "## Reproduce", ""]
+    return lines
+
+
+def reproduce_lines(results: dict) -> list[str]:
+    lines = ["", "## Reproduce", ""]
     if results.get("command"):
         lines += ["From a checkout of sppx:", "", "```", without_paths(results["command"]), "```"]
     else:
         lines.append("The run was not started from the command line; its resolved config is below.")
-    lines += [
+    return [
+        *lines,
         "",
         "## Config",
         "",
@@ -212,4 +243,3 @@ def model_card(results: dict) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)

@@ -15,7 +15,6 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def summary_table(results: dict) -> Table:
     ch, ppl, sp, t = results["choices"], results["ppl"], results["sparsity"], results["time_s"]
-    params = results["params"]
     table = Table(
         title=escape(
             f"sppx: {ch['model']} | {ch['pruner']} {sp['pattern']} | adapter {ch['adapter']} | "
@@ -28,40 +27,49 @@ def summary_table(results: dict) -> Table:
     table.add_row("dense", _fmt(ppl["dense"]), "load " + _fmt(t["load"], ".1f"))
     table.add_row("pruned", _fmt(ppl["pruned"]), "prune " + _fmt(t["prune"], ".1f"))
     table.add_row("final", _fmt(ppl["final"]), "tune+merge " + _fmt(t["tune"] + t["merge"], ".1f"))
-    table.caption = (
+    table.caption = run_caption(results) + method_caption(results)
+    return table
+
+
+def run_caption(results: dict) -> str:
+    """Sparsity, parameters, times, what the merge lost, OWL's block sparsities and the tuning steps."""
+    sp, t, params = results["sparsity"], results["time_s"], results["params"]
+    caption = (
         f"sparsity target {sp['target']:.3f}, measured {sp['measured']:.4f} | "
         f"{params['nonzero']:,} of {params['total']:,} params nonzero, {params['trainable']:,} trained | "
         f"eval {t['eval']:.1f}s, total {t['total']:.1f}s"
     )
     if sp.get("lost_in_merge"):
-        table.caption += (
-            f" | the merge lost {sp['lost_in_merge']:.4f} sparsity (from {sp['before_merge']:.4f})"
-        )
+        caption += f" | the merge lost {sp['lost_in_merge']:.4f} sparsity (from {sp['before_merge']:.4f})"
     layers = results.get("prune", {}).get("layer_targets")
     if layers and results["prune"].get("allocation") != "uniform":
-        table.caption += (
-            f" | {results['prune']['allocation']} block sparsities {min(layers):.3f}-{max(layers):.3f}"
-        )
+        caption += f" | {results['prune']['allocation']} block sparsities {min(layers):.3f}-{max(layers):.3f}"
     tune = results.get("tune") or {}
     if tune.get("step_time_s"):
-        table.caption += (
+        caption += (
             f" | {tune['steps']} steps, {tune['step_time_s']:.2f} s/step, peak {tune['peak_rss_mib']:.0f} MiB"
         )
+    return caption
+
+
+def method_caption(results: dict) -> str:
+    """The structure kept, zero-shot accuracy, speed and the teachers' schedule, where the run has them."""
+    caption = ""
     structure = (results.get("prune") or {}).get("structure")
     if structure:
-        table.caption += (
+        caption += (
             f" | kept per layer: {structure['heads_per_layer']} heads ({structure['kv_heads_per_layer']} K/V), "
             f"{structure['neurons_per_layer']} neurons; {structure['layers']} layers"
         )
     zs = results.get("zeroshot") or {}
     if zs.get("stages"):
         means = ", ".join(f"{stage} {_fmt(acc, '.4f')}" for stage, acc in zs["mean_acc"].items())
-        table.caption += f" | zero-shot mean acc over {len(zs['tasks'])} tasks: {means}"
+        caption += f" | zero-shot mean acc over {len(zs['tasks'])} tasks: {means}"
         if zs.get("skipped"):
-            table.caption += f" (skipped: {', '.join(zs['skipped'])})"
+            caption += f" (skipped: {', '.join(zs['skipped'])})"
     final_speed = (results.get("speed") or {}).get("final")
     if final_speed:
-        table.caption += (
+        caption += (
             f" | decode {final_speed['decode_tps']:.1f} tok/s ({final_speed['decode_x']:.2f}x dense), "
             f"prefill {final_speed['prefill_tps']:.0f} tok/s ({final_speed['prefill_x']:.2f}x)"
         )
@@ -72,10 +80,10 @@ def summary_table(results: dict) -> Table:
             if "snapshots_used" in teacher
             else f"{teacher['snapshots_taken']} snapshots taken"  # NutePrune's mask learning
         )
-        table.caption += (
+        caption += (
             f" | {len(teacher['schedule'])} (student, teacher) stages, {snapshots} (schedule in results.json)"
         )
-    return table
+    return caption
 
 
 def print_summary(results: dict, output_dir) -> None:
