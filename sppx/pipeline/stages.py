@@ -102,7 +102,7 @@ def logger_context(p: Plan) -> dict:
         "stage": stage_of(p.prunes, p.tunes),
         "sweep": current_sweep(),
         "resuming": p.resume_from is not None and p.resume_from.parent.parent == p.output_dir,
-        "tags": list(p.tags),
+        "run_tags": list(p.tags),
     }
     return {k: v for k, v in context.items() if k in accepted}
 
