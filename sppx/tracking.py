@@ -56,15 +56,18 @@ def wandb_logger(
     sweep: str | None = None,
     init_timeout: float = 30.0,
     resuming: bool = False,
+    run_tags: list[str] | None = None,
     **kwargs,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger``; ``mode=auto`` goes online only when logged in. ``stage`` and
     ``sweep`` come from the run (what it does, the multirun it belongs to) and fill ``job_type=auto``
-    and ``group=null``. Online, the run is started here: when the server does not answer within
-    ``init_timeout`` seconds the run logs offline instead (``wandb sync`` uploads it later). The run's
-    id is kept in ``<save_dir>/wandb/sppx-run-id``: a resumed run (``resuming``) continues the same W&B
-    run instead of starting a new one."""
+    and ``group=null``; ``run_tags`` (the run's ``tags=[...]``) join ``logger.tags`` as the W&B run's
+    tags. Online, the run is started here: when the server does not answer within ``init_timeout``
+    seconds the run logs offline instead (``wandb sync`` uploads it later). The run's id is kept in
+    ``<save_dir>/wandb/sppx-run-id``: a resumed run (``resuming``) continues the same W&B run instead of
+    starting a new one."""
     require(mode in MODES, "logger.mode", mode, f"allowed: {', '.join(MODES)}")
+    all_tags = merged_tags(tags, run_tags)
     offline = mode == "offline" or (mode == "auto" and not wandb_logged_in())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     import wandb
@@ -86,24 +89,41 @@ def wandb_logger(
             offline=offline,
             group=group if group is not None else sweep,
             job_type=stage if job_type in (None, "auto") else job_type,
-            tags=list(tags or []),
+            tags=all_tags,
             id=run_id,
             **settings,
             **kwargs,
         )
 
     logger = build(offline)
-    if not offline:
-        try:
-            logger.experiment  # noqa: B018 (starts the online run now, within init_timeout)
-        except Exception as err:
-            log.warning(
-                "W&B did not start online (%s); logging offline instead", str(err).splitlines()[0][:200]
-            )
-            with contextlib.suppress(Exception):
-                wandb.finish(exit_code=1)
-            logger = build(True, new_id=True)  # the failed start keeps its id busy in this process
+    # A failed online start keeps its id busy in this process: the offline run takes a new one.
+    return logger if offline else started_online(logger, lambda: build(True, new_id=True))
+
+
+def started_online(logger: WandbLogger, offline_logger) -> WandbLogger:
+    """Start the online run now (within its init_timeout); when it does not start, log offline."""
+    import wandb
+
+    try:
+        logger.experiment  # noqa: B018 (starts the run)
+    except Exception as err:
+        log.warning("W&B did not start online (%s); logging offline instead", str(err).splitlines()[0][:200])
+        with contextlib.suppress(Exception):
+            wandb.finish(exit_code=1)
+        return offline_logger()
     return logger
+
+
+def merged_tags(logger_tags: list | None, run_tags: list | None) -> list[str]:
+    """``logger.tags`` then the run's ``tags``, in order, without repeats (W&B takes 1 to 64 characters)."""
+    for key, given in (("logger.tags", logger_tags), ("tags", run_tags)):
+        require(
+            all(1 <= len(str(t)) <= 64 for t in given or []),
+            key,
+            given,
+            "W&B takes tags of 1 to 64 characters",
+        )
+    return list(dict.fromkeys(str(t) for t in [*(logger_tags or []), *(run_tags or [])]))
 
 
 def keep_csv_history(logger, before_step: int) -> None:

@@ -89,10 +89,11 @@ def tiny_run_overrides(text_file: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_py(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python run.py ARGS`` from the project root, its output captured."""
+def run_py(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` from the project root, its output captured (``env``: the process's whole
+    environment, when given)."""
     return subprocess.run(
-        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -1,0 +1,1 @@
+# Makes the config folder importable: hydra.searchpath=[pkg://my_plugin.conf]
