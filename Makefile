@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 # carriers: installed without their dependencies, never imported.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: help install run test lint format clean distclean
+.PHONY: help install run test test-fast lint format clean distclean
 
 help:
 	@echo "make run [ARGS='pruner=magnitude sparsity=0.6']  prune -> tune -> merge -> eval -> export"
 	@echo "make test [PYTEST_ARGS=-k spp]                     the test suite (tiny random models, CPU)"
+	@echo "make test-fast                                     the suite without the slow (full-pipeline) tests"
 	@echo "make install | lint | format | clean | distclean"
 
 $(PY):
@@ -35,6 +36,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -210,10 +210,13 @@ def check_top_level(cfg: DictConfig) -> None:
         require(isinstance(cfg.get(key, False), bool), key, cfg.get(key), "must be true or false")
     tags = OmegaConf.to_container(cfg.tags) if OmegaConf.is_list(cfg.get("tags")) else cfg.get("tags")
     require(
-        tags is None or (isinstance(tags, list) and all(isinstance(t, (str, int)) for t in tags)),
+        tags is None
+        or (
+            isinstance(tags, list) and all(isinstance(t, (str, int)) and 1 <= len(str(t)) <= 64 for t in tags)
+        ),
         "tags",
         tags,
-        "must be a list of words, e.g. +tags=[baseline,wanda]",
+        "must be a list of words of 1 to 64 characters, e.g. tags=[baseline,wanda]",
     )
     metric = cfg.get("optimized_metric", "val/ppl_final")
     require(
@@ -270,7 +273,18 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         command=command_line(overrides),
     )
     p.model_config = p.model.model_config()
+    use_family_targets(p)
     return p
+
+
+def use_family_targets(p: Plan) -> None:
+    """The model's family must be described in sppx.anatomy (else one ConfigError line); the Llama
+    default target list (PROJECTIONS) of the pruner and of the adapter becomes that family's own."""
+    from sppx.anatomy import family_of
+
+    family = family_of(p.model_config)
+    for part in (p.pruner, p.adapter):
+        part.targets = family.resolve_targets(part.targets)
 
 
 def check_teacher(p: Plan) -> None:
