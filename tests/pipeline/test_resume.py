@@ -20,7 +20,7 @@ from sppx.loaders import tuning_loader
 from sppx.pipeline import plan, run
 from tests.conftest import compose_config, tiny_run_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class HoldBeforeStep(pl.Callback):
@@ -49,7 +49,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, text_file, t
 
     killed = tmp_path / "killed"
     marker = tmp_path / "holding"
-    hold = f"[{{_target_:tests.test_resume.HoldBeforeStep,step:4,marker:'{marker}'}}]"
+    hold = f"[{{_target_:tests.pipeline.test_resume.HoldBeforeStep,step:4,marker:'{marker}'}}]"
     cmd = [sys.executable, "run.py", *overrides, f"trainer.callbacks={hold}", f"hydra.run.dir={killed}"]
     cmd.append(f"paths.cache_dir={tmp_path / 'whole' / 'cache'}")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

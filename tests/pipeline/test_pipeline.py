@@ -17,7 +17,7 @@ from sppx.pipeline import plan, run
 from sppx.summary import summary_table
 from tests.conftest import compose_config, run_py, sweep_args, tiny_run_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_full_run_writes_complete_results_and_a_reloadable_model(tmp_path, text_file):
@@ -249,7 +249,7 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
 
 
 def test_instruction_file_tunes_on_its_responses(tmp_path, text_file):
-    sample = Path(__file__).parent / "data" / "alpaca_sample.json"
+    sample = Path(__file__).parents[1] / "data" / "alpaca_sample.json"
     cfg = compose_config(
         tiny_run_overrides(text_file, **{"data.tuning": str(sample), "data.seqlen": 512}), tmp_path
     )
@@ -292,7 +292,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeyp
 
     offline_wandb(monkeypatch, tmp_path)
     overrides = tiny_run_overrides(text_file, logger="wandb", export="false", **{"trainer.max_steps": 4})
-    stop = "[{_target_:tests.test_signals.SignalAtStep,step:2,signum:15}]"
+    stop = "[{_target_:tests.pipeline.test_signals.SignalAtStep,step:2,signum:15}]"
     with pytest.raises(Interrupted):
         run(compose_config([*overrides, f"trainer.callbacks={stop}"], tmp_path), progress=False)
     # A resume is a new process (and wandb refuses an id its process has used).

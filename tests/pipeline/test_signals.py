@@ -85,7 +85,7 @@ def test_tuning_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
     whole = run(compose_config(overrides, tmp_path / "whole"), progress=False)
 
     out, cache = tmp_path / "stopped", tmp_path / "whole" / "cache"
-    stop = f"[{{_target_:tests.test_signals.SignalAtStep,step:3,signum:{int(signum)}}}]"
+    stop = f"[{{_target_:tests.pipeline.test_signals.SignalAtStep,step:3,signum:{int(signum)}}}]"
     stopped = [*overrides, f"trainer.callbacks={stop}", "tune.checkpoint_every=0"]
     with pytest.raises(Interrupted) as caught:
         run(compose_config(stopped, out, cache_dir=cache), progress=False, overrides=stopped)
@@ -118,7 +118,7 @@ def train_losses(run_dir: Path) -> dict[int, str]:
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_run_py_exits_with_128_plus_the_signal_and_says_how_to_resume(tmp_path, text_file, signum):
     out = tmp_path / "run"
-    stop = f"[{{_target_:tests.test_signals.SignalAtStep,step:2,signum:{int(signum)}}}]"
+    stop = f"[{{_target_:tests.pipeline.test_signals.SignalAtStep,step:2,signum:{int(signum)}}}]"
     overrides = tiny_run_overrides(text_file, **{"trainer.max_steps": 6, "trainer.callbacks": stop})
     proc = run_py(*overrides, f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 128 + signum, proc.stderr[-2000:]

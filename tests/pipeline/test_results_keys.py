@@ -11,7 +11,7 @@ import pytest
 from sppx.pipeline import run
 from tests.conftest import compose_config, tiny_run_overrides
 
-KEYS = json.loads((Path(__file__).parent / "data" / "results_keys.json").read_text())
+KEYS = json.loads((Path(__file__).parents[1] / "data" / "results_keys.json").read_text())
 CASES = {
     "wanda_spp": [],
     "comp": ["pruner=comp", "pattern=structured", "sparsity=0.25", "pruner.neuron_multiple=8"],

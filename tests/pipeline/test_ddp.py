@@ -12,7 +12,7 @@ from sppx.errors import ConfigError
 from sppx.pipeline import plan, run
 from tests.conftest import compose_config, run_py, tiny_run_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ddp_overrides(text_file) -> list[str]:
