@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS
+from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS, decoder_layers
 from sppx.errors import ConfigError, first_line, is_int, require
 from sppx.files import make_temp_folder, manifest_matches, write_manifest
 
@@ -119,7 +119,7 @@ def set_layer_widths(model: PreTrainedModel, widths: list[dict]) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
     dtype = next(model.parameters()).dtype
-    for layer, entry in zip(model.model.layers, widths, strict=True):
+    for layer, entry in zip(decoder_layers(model), widths, strict=True):
         heads, kv, neurons = (entry[k] for k in WIDTH_KEYS)
         attn, mlp = layer.self_attn, layer.mlp
         shapes = {

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sppx.anatomy import output_head
 from sppx.distill import hidden_mse, layer_mse_sum, logit_kl
 from sppx.errors import RunError, is_number, require
 from sppx.masking import MAX_STEPS, StudentMasks
@@ -151,7 +152,7 @@ class Distiller(NoTeacher):
             )
         finally:
             model.train(was_training)
-        return TeacherPass(out.last_hidden_state, out.hidden_states, model.get_output_embeddings())
+        return TeacherPass(out.last_hidden_state, out.hidden_states, output_head(model))
 
     def intact_outputs(self, model: nn.Module, input_ids, attention_mask=None):
         """The unpruned, unadapted model's outputs: masks and adapter off."""

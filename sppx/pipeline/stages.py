@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from sppx.anatomy import Dims, prunable_linears
+from sppx.anatomy import Dims, family_of, prunable_linears
 from sppx.card import model_card
 from sppx.data import TokenizedCorpus, calibration_windows, consecutive_windows, windows_digest
 from sppx.errors import RunError, first_line, require
@@ -178,6 +178,9 @@ class Prune(Stage):
         warn_ignored_sparsity(p)
         if p.structured:
             p.pruner.check_pattern(p.pattern, p.sparsity)
+            family_of(p.model_config).check_structured(
+                p.pruner.units, getattr(p.pruner, "adds_biases", False)
+            )
             p.pruner.check(Dims.of(p.model_config), p.sparsity)
             if p.pruner.uses_teacher:
                 p.corpus.check_tuning()
@@ -339,7 +342,7 @@ class Tune(Stage):
         )
         if p.structured:  # the adapter tunes the smaller model: check it against the pruned shapes
             budget = p.pruner.budget(Dims.of(p.model_config), p.sparsity)
-            shapes = budget.linear_shapes(Dims.of(p.model_config))
+            shapes = budget.linear_shapes(Dims.of(p.model_config), family_of(p.model_config))
             p.adapter.check_shapes(
                 {n: s for n, s in shapes.items() if n.rsplit(".", 1)[-1] in p.adapter.targets}
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sppx.anatomy import block_linears, decoder_layers
+from sppx.anatomy import block_linears, decoder_layers, resolve_targets
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
 from sppx.pruning.sequential import capture_block_inputs, collect_stats
@@ -52,6 +52,7 @@ def block_outlier_ratios(
 ) -> tuple[list[float], list[int]]:
     """OWL's outlier ratio of every decoder block of the dense model, and its prunable weight count.
     One pass: each block's input norms are collected while it computes the next block's inputs."""
+    targets = resolve_targets(model, targets)
     counter = _Norms(targets=targets, batch_size=batch_size)
     ratios: list[float] = []
     sizes: list[int] = []

@@ -16,7 +16,16 @@ import weakref
 import torch
 from torch import nn
 
-from sppx.anatomy import block_linears, block_output, decoder_layers, layers_prefix, sequential_groups
+from sppx.anatomy import (
+    SEQUENTIAL_ORDER,
+    block_linears,
+    block_output,
+    decoder_layers,
+    family_of,
+    layers_prefix,
+    resolve_targets,
+    sequential_groups,
+)
 from sppx.masking import DenseKeeper
 from sppx.profiling import Stopwatch
 from sppx.progress import bar
@@ -114,7 +123,7 @@ def collect_stats(
         for hidden, kwargs in inputs:
             state.start_batch()
             try:
-                out = block(hidden, **kwargs)
+                out = block(hidden, **kwargs_for(block, kwargs))
             except _StopBlock:
                 pass
             else:
@@ -131,11 +140,87 @@ class _Captured(Exception):
     pass
 
 
+class LayerKwargs(dict):
+    """Block 0's keyword arguments (mask, position embeddings) for one calibration mini-batch, plus
+    ``own``: those of the blocks that get others (a model mixing sliding-window and full-attention
+    layers gives each kind its own mask and rotary tables). :func:`kwargs_for` picks a block's."""
+
+    def __init__(self, kwargs: dict, own: dict | None = None):
+        super().__init__(kwargs)
+        self.own: dict[nn.Module, dict] = own or {}
+
+
+def kwargs_for(block: nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments ``block`` is called with (its own where a :class:`LayerKwargs` has them)."""
+    own = getattr(kwargs, "own", None)
+    return own.get(block, kwargs) if own else kwargs
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The hidden states ``block`` outputs for ``hidden`` (called with its own keyword arguments)."""
+    return block_output(block(hidden, **kwargs_for(block, kwargs)))
+
+
+def layers_differ(model: nn.Module) -> bool:
+    """Whether the decoder blocks are called with different keyword arguments (``layer_types`` mixes
+    kinds of attention, e.g. Gemma's sliding-window and full layers)."""
+    return len(set(getattr(model.config, "layer_types", None) or ())) > 1
+
+
+class _KwargsRecorder(nn.Module):
+    """Stands in for a decoder block while the keyword arguments of every block are captured: records
+    them and passes the hidden states through (the last one stops the forward)."""
+
+    def __init__(self, last: bool):
+        super().__init__()
+        self.last, self.seen = last, []
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.seen.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if self.last:
+            raise _Captured
+        return hidden
+
+
+@torch.no_grad()
+def capture_layer_kwargs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, LayerKwargs]]:
+    """:func:`capture_block_inputs` for a model whose blocks get different keyword arguments: every
+    block is replaced by a :class:`_KwargsRecorder` for the forward (no block computes anything)."""
+    layers = decoder_layers(model)
+    blocks = list(layers)
+    recorders = [_KwargsRecorder(last=i == len(blocks) - 1) for i in range(len(blocks))]
+    device = next(model.parameters()).device
+    try:
+        for i, recorder in enumerate(recorders):
+            layers[i] = recorder
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(_Captured):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for i, block in enumerate(blocks):
+            layers[i] = block
+    captured = []
+    for n, (hidden, first) in enumerate(recorders[0].seen):
+        own = {}
+        for block, recorder in zip(blocks[1:], recorders[1:], strict=True):
+            kwargs = recorder.seen[n][1]
+            if kwargs.keys() != first.keys() or any(kwargs[k] is not first[k] for k in kwargs):
+                own[block] = kwargs
+        captured.append((hidden, LayerKwargs(first, own)))
+    return captured
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, windows: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments (position embeddings, mask) entering block 0, per mini-batch."""
+    """Hidden states and keyword arguments (position embeddings, mask) entering block 0, per mini-batch
+    (a :class:`LayerKwargs` with every block's own when the blocks get different ones)."""
+    if layers_differ(model):
+        return capture_layer_kwargs(model, windows, batch_size)
     first = decoder_layers(model)[0]
     captured: list[tuple[torch.Tensor, dict]] = []
 
@@ -161,6 +246,10 @@ def to_device(value, device: torch.device):
         return value.to(device)
     if isinstance(value, tuple | list):
         return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, LayerKwargs):
+        return LayerKwargs(
+            to_device(dict(value), device), {b: to_device(kw, device) for b, kw in value.own.items()}
+        )
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
@@ -194,7 +283,7 @@ def run_blocks(
         visit(i, block, inputs)
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
-                inputs = [(block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+                inputs = [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
         if after is not None:
             after(i)
         if device is not None:
@@ -220,8 +309,12 @@ class _MaskRecorder:
         prefix: str,
         watch: Stopwatch,
         keeper: DenseKeeper | None,
+        targets: list[str] | None = None,
+        order=None,
     ) -> None:
         self.pruner = pruner
+        self.targets = pruner.targets if targets is None else targets  # resolved for the model's family
+        self.order = order or SEQUENTIAL_ORDER  # the family's true_sequential groups
         self.per_layer = per_layer
         self.pattern = pattern
         self.prefix = prefix
@@ -245,7 +338,7 @@ class _MaskRecorder:
             home = next(block.parameters()).device
             if pruner.device is not None:
                 block.to(pruner.device)
-            for name, linear in block_linears(block, pruner.targets).items():
+            for name, linear in block_linears(block, self.targets).items():
                 with self.watch("masks"):
                     self.prune_linear(i, name, linear, None)
             if self.keeper is not None:
@@ -255,8 +348,10 @@ class _MaskRecorder:
 
     def prune_block(self, i: int, block: nn.Module, inputs) -> None:
         """Measure block ``i`` on its calibration inputs and prune it, group by group."""
-        linears = block_linears(block, self.pruner.targets)
-        groups = sequential_groups(list(linears)) if self.pruner.true_sequential else [list(linears)]
+        linears = block_linears(block, self.targets)
+        groups = (
+            sequential_groups(list(linears), self.order) if self.pruner.true_sequential else [list(linears)]
+        )
         for group in groups:
             # With true_sequential, each group's statistics see the already pruned earlier groups.
             group_linears = {name: linears[name] for name in group}
@@ -287,9 +382,12 @@ def prune_model(
     blocks before it) but the weights are left dense; see :class:`~sppx.masking.DenseKeeper`.
     """
     watch = watch or Stopwatch()
-    layers, prefix = decoder_layers(model), layers_prefix(model)
+    layers, prefix, family = decoder_layers(model), layers_prefix(model), family_of(model)
     per_layer = _layer_sparsities(sparsity, len(layers))
-    recorder = _MaskRecorder(pruner, per_layer, pattern, prefix, watch, keeper)
+    targets = resolve_targets(model, pruner.targets)
+    recorder = _MaskRecorder(
+        pruner, per_layer, pattern, prefix, watch, keeper, targets, family.sequential_order
+    )
 
     if not pruner.collects_stats:
         recorder.prune_weights_only(layers, progress)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sppx.anatomy import PROJECTIONS, Dims, block_output, decoder_layers
+from sppx.anatomy import PROJECTIONS, Dims, decoder_layers
 from sppx.errors import is_int, is_number, require, require_positive_int
 from sppx.profiling import Stopwatch
 from sppx.progress import bar
 from sppx.pruning.masks import SparsityPattern
-from sppx.pruning.sequential import capture_block_inputs, collect_stats
+from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_block
 from sppx.pruning.structured.units import (
     HEAD_MODES,
     LAYER_RANGES,
@@ -227,7 +227,7 @@ def block_influence(
     for i, block in enumerate(bar(layers, desc="block influence", disable=not progress, unit="layer")):
         total, count, outputs = 0.0, 0, []
         for hidden, kwargs in inputs:
-            out = block_output(block(hidden, **kwargs))
+            out = run_block(block, hidden, kwargs)
             cos = torch.nn.functional.cosine_similarity(hidden.double(), out.double(), dim=-1)
             total += float(cos.sum())
             count += cos.numel()

@@ -258,6 +258,11 @@ class FLAPPruner(OneShotStructured):
             "must be true or false",
         )
 
+    @property
+    def adds_biases(self) -> bool:
+        """Whether the removal adds biases to the attention and MLP outputs (bias compensation)."""
+        return self.bias_compensation and ("heads" in self.units or "neurons" in self.units)
+
     @torch.no_grad()
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
         d = Dims.of(model.config)

@@ -1,4 +1,5 @@
-"""Structured units of a Llama decoder and what removing them means.
+"""Structured units of a decoder and what removing them means (names as in Llama; every family's
+projections are found through :mod:`sppx.anatomy`).
 
 A *unit* is removed whole: a decoder layer; an attention head (its rows of q_proj and columns of
 o_proj, K/V kept: ``head_mode=query``) or a whole key/value group (its query heads plus its rows of
@@ -26,7 +27,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS, Dims, decoder_layers
+from sppx.anatomy import (
+    LAYER_WIDTHS_KEY,
+    LLAMA,
+    WIDTH_KEYS,
+    Dims,
+    Family,
+    decoder_layers,
+    family_of,
+    layers_prefix,
+    renumber_layers,
+    replace_module,
+)
 
 UNITS = ("layers", "heads", "neurons")
 HEAD_MODES = ("query", "group")
@@ -175,9 +187,12 @@ class Budget:
             removed += self.heads // d.group_size * d.kv_params
         return removed
 
-    def linear_shapes(self, d: Dims, prefix: str = "model.layers") -> dict[str, tuple[int, int]]:
-        """``{name: (out, in)}`` of every projection of the pruned model (the removed layers are in the
-        span, so the layers before it come first and those after it last, all intact)."""
+    def linear_shapes(
+        self, d: Dims, family: Family = LLAMA, prefix: str | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """``{name: (out, in)}`` of every projection of the pruned model of ``family`` (blocks under
+        ``prefix``, the family's own by default; the removed layers are in the span, so the layers
+        before it come first and those after it last, all intact)."""
         heads = d.heads - self.heads
         kv = d.kv_heads - (self.heads // d.group_size if self.head_mode == "group" else 0)
         span = self.span(d)
@@ -186,18 +201,10 @@ class Budget:
             + [(heads, kv, d.intermediate - self.neurons)] * (len(span) - self.layers)
             + [(d.heads, d.kv_heads, d.intermediate)] * (d.layers - span.stop)
         )
-        h, hd = d.hidden, d.head_dim
+        prefix = family.blocks_path if prefix is None else prefix
         shapes = {}
         for i, (q, k, n) in enumerate(widths):
-            per_layer = {
-                "self_attn.q_proj": (q * hd, h),
-                "self_attn.k_proj": (k * hd, h),
-                "self_attn.v_proj": (k * hd, h),
-                "self_attn.o_proj": (h, q * hd),
-                "mlp.gate_proj": (n, h),
-                "mlp.up_proj": (n, h),
-                "mlp.down_proj": (h, n),
-            }
+            per_layer = family.layer_shapes(q, k, n, d.hidden, d.head_dim)
             shapes.update({f"{prefix}.{i}.{name}": shape for name, shape in per_layer.items()})
         return shapes
 
@@ -368,19 +375,22 @@ def head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
 @torch.no_grad()
 def mask_model(model: nn.Module, s: Structure) -> None:
     """Zero what the removed units feed into: same shapes, same function as :func:`shrink_model`."""
-    d = s.dims
+    d, family = s.dims, family_of(model)
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
+        attention_out, mlp_out = (
+            layer.get_submodule(family.attention_out),
+            layer.get_submodule(family.mlp_out),
+        )
         if i in set(s.layers_removed):  # the block adds nothing to the residual stream
-            for lin in (attn.o_proj, mlp.down_proj):
+            for lin in (attention_out, mlp_out):
                 lin.weight.zero_()
                 if lin.bias is not None:
                     lin.bias.zero_()
             continue
         gone_heads = keep_all_but(d.heads, s.heads_of(i))
-        attn.o_proj.weight[:, head_columns(gone_heads, d.head_dim)] = 0.0
+        attention_out.weight[:, head_columns(gone_heads, d.head_dim)] = 0.0
         gone = keep_all_but(d.intermediate, s.neurons_of(i))
-        mlp.down_proj.weight[:, gone] = 0.0
+        mlp_out.weight[:, gone] = 0.0
 
 
 def _slice(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -405,45 +415,59 @@ def shrink_model(model: nn.Module, s: Structure) -> None:
     standard width keys when every kept layer has the same widths, else the dense widths there and each
     layer's own under ``sppx_layer_widths``."""
     widths = s.layer_widths()
-    d = s.dims
+    d, family = s.dims, family_of(model)
     layers = decoder_layers(model)
     if len(layers) != d.layers:
         raise ValueError(f"the structure is for {d.layers} layers, the model has {len(layers)}")
     kept_layers = s.layers_kept
-    for i, (heads, kv, neurons) in zip(kept_layers, widths, strict=True):
-        attn, mlp = layers[i].self_attn, layers[i].mlp
-        q_rows = head_columns(s.heads_of(i), d.head_dim)
-        kv_rows = head_columns(s.kv_heads_of(i), d.head_dim)
-        _slice(attn.q_proj, rows=q_rows)
-        _slice(attn.k_proj, rows=kv_rows)
-        _slice(attn.v_proj, rows=kv_rows)
-        _slice(attn.o_proj, cols=q_rows)
-        attn.num_key_value_groups = heads // kv
-        idx = torch.tensor(s.neurons_of(i), dtype=torch.long)
-        _slice(mlp.gate_proj, rows=idx)
-        _slice(mlp.up_proj, rows=idx)
-        _slice(mlp.down_proj, cols=idx)
-        mlp.intermediate_size = neurons
-    model.model.layers = nn.ModuleList([layers[i] for i in kept_layers])
-    for new_index, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new_index
+    if "heads" in family.units:  # (the others remove whole layers only: Prune.check refuses the rest)
+        for i, (heads, kv, neurons) in zip(kept_layers, widths, strict=True):
+            shrink_layer(layers[i], family, s, i, heads // kv, neurons)
+    elif s.heads or s.kv_heads or s.neurons:
+        raise ValueError(
+            f"heads and neurons cannot be removed from {family.name} models: {family.units_note}"
+        )
+    kept = nn.ModuleList([layers[i] for i in kept_layers])
+    replace_module(model, layers_prefix(model), kept)
+    renumber_layers(kept)
     write_widths(model.config, s, widths)
     complete_biases(model)
 
 
+def shrink_layer(layer: nn.Module, family: Family, s: Structure, i: int, groups: int, neurons: int) -> None:
+    """Cut layer ``i``'s projections to the heads and neurons ``s`` keeps (``groups``: query heads per
+    kept K/V head; ``neurons``: the kept count)."""
+    d = s.dims
+    q, k, v = (layer.get_submodule(name) for name in family.attention_in)
+    q_rows = head_columns(s.heads_of(i), d.head_dim)
+    kv_rows = head_columns(s.kv_heads_of(i), d.head_dim)
+    _slice(q, rows=q_rows)
+    _slice(k, rows=kv_rows)
+    _slice(v, rows=kv_rows)
+    _slice(layer.get_submodule(family.attention_out), cols=q_rows)
+    layer.get_submodule(family.attention_out.rpartition(".")[0]).num_key_value_groups = groups
+    idx = torch.tensor(s.neurons_of(i), dtype=torch.long)
+    for name in family.mlp_in:
+        _slice(layer.get_submodule(name), rows=idx)
+    _slice(layer.get_submodule(family.mlp_out), cols=idx)
+    layer.get_submodule(family.mlp_out.rpartition(".")[0]).intermediate_size = neurons
+
+
 def write_widths(config, s: Structure, widths: list[tuple[int, int, int]]) -> None:
     """The pruned model's config: its layers, and its widths (standard keys, or per layer)."""
-    d, kept_layers = s.dims, s.layers_kept
+    d, kept_layers, family = s.dims, s.layers_kept, family_of(config)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         config.layer_types = [layer_types[i] for i in kept_layers]
     config.num_hidden_layers = len(kept_layers)
-    config.head_dim = d.head_dim
+    if "heads" in family.units or hasattr(config, "head_dim"):
+        config.head_dim = d.head_dim
     uniform = s.uniform_widths()
     heads, kv, neurons = uniform or (d.heads, d.kv_heads, d.intermediate)
     config.num_attention_heads = heads
-    config.num_key_value_heads = kv
-    config.intermediate_size = neurons
+    if family.kv_heads_key:
+        setattr(config, family.kv_heads_key, kv)
+    setattr(config, family.intermediate_key, neurons)
     if uniform is None:
         setattr(config, LAYER_WIDTHS_KEY, [dict(zip(WIDTH_KEYS, w, strict=True)) for w in widths])
     elif hasattr(config, LAYER_WIDTHS_KEY):
@@ -462,15 +486,13 @@ def add_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
 
 @torch.no_grad()
 def complete_biases(model: nn.Module) -> None:
-    """A Llama config has one bias flag for all attention projections and one for all MLP projections:
-    when any of them has a bias (bias compensation adds some), give the others zero biases and set the
-    flag, so the saved model loads with ``from_pretrained`` and nothing is initialised at random."""
+    """A Llama config has one bias flag for all attention projections and one for all MLP projections
+    (other families have some such flags, or none: :attr:`~sppx.anatomy.Family.bias_flags`): when any of
+    them has a bias (bias compensation adds some), give the others zero biases and set the flag, so the
+    saved model loads with ``from_pretrained`` and nothing is initialised at random."""
     config = model.config
-    for flag, parts, names in (
-        ("attention_bias", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ("mlp_bias", "mlp", ("gate_proj", "up_proj", "down_proj")),
-    ):
-        linears = [getattr(getattr(layer, parts), n) for layer in decoder_layers(model) for n in names]
+    for flag, names in family_of(model).bias_flags:
+        linears = [layer.get_submodule(n) for layer in decoder_layers(model) for n in names]
         if not any(lin.bias is not None for lin in linears):
             continue
         for lin in linears:
