@@ -74,6 +74,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_fails_in_plan_before_loading(overrides, message, tmp_path, text_file, monkeypatch):
     def no_loading(self):
@@ -97,6 +98,7 @@ def test_embedded_model_missing_package_names_it(tmp_path, monkeypatch):
         EmbeddedModel(name="nope")
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path, text_file):
     cmd = [
         sys.executable,
@@ -118,6 +120,7 @@ def test_plan_accepts_the_defaults_of_every_group(tmp_path, text_file):
     assert p.target_sparsity == 0.5 and p.tunes and p.pattern.label == "unstructured"
 
 
+@pytest.mark.slow
 def test_too_little_text_names_the_empty_parts(tmp_path, monkeypatch):
     short = tmp_path / "short.txt"
     short.write_text("one single paragraph of text that cannot be split four ways")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +207,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_hostile_command_lines_end_with_one_clear_line_and_write_nothing(tmp_path, text_file):
     base = tiny_run_overrides(text_file)
     cases = [*CASES, *GENERATED, *LATER, *file_cases(tmp_path / "files")]

@@ -55,6 +55,7 @@ def _targets(node):
             yield from _targets(value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF_DIR)))
 def test_every_group_option_composes_and_its_targets_import(path: Path, tmp_path):
     group = str(path.parent.relative_to(CONF_DIR))
@@ -101,6 +102,7 @@ def test_base_files_are_not_options():
     assert PROJECTIONS_FILE.is_file() and (CONF_DIR / "pruner" / BASE_DIR / "oneshot.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["pruner", "adapter"])
 def test_every_option_composes_and_builds_with_its_class_defaults(group: str, tmp_path):
     for option in options(group):
@@ -116,6 +118,7 @@ def test_every_option_composes_and_builds_with_its_class_defaults(group: str, tm
             assert set(node) - {"_target_"} <= fields, option
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["magnitude", "wanda", "sparsegpt"])
 def test_oneshot_pruners_share_the_base_and_their_own_values_win(option: str, tmp_path):
     base = yaml.safe_load((CONF_DIR / "pruner" / BASE_DIR / "oneshot.yaml").read_text())

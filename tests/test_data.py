@@ -99,6 +99,7 @@ def test_documents_are_joined_by_end_of_text():
     assert tok.decode(tok("héllo wörld")["input_ids"]) == "héllo wörld"
 
 
+@pytest.mark.slow
 def test_hub_dataset_source_reads_a_local_json_builder(tmp_path):
     from sppx.data import HubDataset
 

@@ -20,6 +20,7 @@ def test_there_are_paper_presets():
     assert {"spp_wanda_2of4", "spp_wanda_75", "nuteprune_20", "comp_20"} <= set(PRESETS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_passes_the_plan(preset, tmp_path, text_file):
     cfg = compose_config([f"experiment={preset}"], tmp_path)  # on the default model, as users run it
@@ -44,6 +45,7 @@ def test_every_preset_composes_and_passes_the_plan(preset, tmp_path, text_file):
     assert p.pruner.name == body["defaults"][0]["override /pruner"]
 
 
+@pytest.mark.slow
 def test_the_optuna_search_composes_and_three_trials_run_on_the_tiny_model(tmp_path, text_file):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_config(["hparams_search=spp_optuna"], tmp_path)
@@ -103,6 +105,7 @@ def test_sweep_job_folders_are_named_from_the_swept_values(tmp_path):
     assert len(long) == 180 and long != job_dirname([f"k{i}=value{i}" for i in range(61)])
 
 
+@pytest.mark.slow
 def test_a_joblib_sweep_runs_jobs_in_parallel_processes_with_the_same_folders(tmp_path, text_file):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     launcher = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")

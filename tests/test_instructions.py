@@ -217,6 +217,7 @@ def test_bad_instruction_settings_are_config_errors(text_file, key, value, messa
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_config_keys_reach_every_corpus(tmp_path, tok):
     for group in ("wiki", "text", "hf"):
         cfg = compose_config([f"data={group}"], tmp_path)

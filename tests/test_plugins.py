@@ -53,6 +53,7 @@ def check_zeros_are_the_largest_weights(model_dir: Path, per_module: dict) -> di
     return keeps
 
 
+@pytest.mark.slow
 def test_a_pruner_of_your_own_runs_end_to_end_from_a_config_dir(tmp_path, text_file):
     out = tmp_path / "run"
     proc = run_py(
@@ -75,6 +76,7 @@ def test_a_pruner_of_your_own_runs_end_to_end_from_a_config_dir(tmp_path, text_f
     check_zeros_are_the_largest_weights(Path(results["model_dir"]), results["sparsity"]["per_module"])
 
 
+@pytest.mark.slow
 def test_hydra_searchpath_finds_the_same_pruner(tmp_path, text_file):
     out = tmp_path / "run"
     proc = run_py(
@@ -143,6 +145,7 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("sppx: error: ")]
 
 
+@pytest.mark.slow
 def test_an_unknown_option_lists_the_built_in_and_the_users_options(tmp_path, text_file):
     both = ", ".join(sorted([*BUILT_IN, "mine"]))
     assert "mine" not in BUILT_IN and "wanda" in BUILT_IN
@@ -183,6 +186,7 @@ def test_an_unknown_option_lists_the_built_in_and_the_users_options(tmp_path, te
         assert not (tmp_path / str(i)).exists(), prefix  # refused before any work
 
 
+@pytest.mark.slow
 def test_the_users_config_composes_with_every_way_of_naming_its_folder():
     folders = [
         ["--config-dir", str(USER_CONF)],
@@ -212,6 +216,7 @@ def test_the_users_config_composes_with_every_way_of_naming_its_folder():
     ]
 
 
+@pytest.mark.slow
 def test_the_users_class_goes_through_the_plan_checks(tmp_path, text_file):
     bad = {
         # its own annotated argument: a boolean is a boolean

@@ -24,6 +24,7 @@ def snapshot(folder) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_written_over_without_resume_or_overwrite(tmp_path, text_file):
     out, cache = tmp_path / "run", tmp_path / "cache"
     steps = {"trainer.max_steps": 2, "tune.checkpoint_every": 1}
@@ -58,6 +59,7 @@ def test_a_checkpoint_without_a_record_is_a_run_too(tmp_path, text_file):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
 
+@pytest.mark.slow
 def test_two_runs_cannot_share_a_folder(tmp_path, text_file):
     out = tmp_path / "run"
     out.mkdir()
@@ -76,6 +78,7 @@ def test_two_runs_cannot_share_a_folder(tmp_path, text_file):
     assert results["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_a_rejected_command_writes_nothing(tmp_path):
     out = tmp_path / "new" / "run"
     proc = run_py("model=tiny-llama", "sparsity=1.5", f"hydra.run.dir={out}")

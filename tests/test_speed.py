@@ -38,6 +38,7 @@ def test_compare_speeds_times_every_model_each_round_in_rotating_order(tiny, mon
         speed.compare_speeds({})
 
 
+@pytest.mark.slow
 def test_eval_speed_reports_the_final_model_against_a_fresh_dense_copy(tmp_path, text_file):
     overrides = tiny_run_overrides(
         text_file,

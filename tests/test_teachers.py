@@ -271,6 +271,7 @@ def test_teacher_config_errors_name_the_key(tmp_path, text_file, overrides, key)
     assert err.value.key == key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["spp", "masked_lora"])
 def test_numerous_run_keeps_every_zero_and_records_its_teachers(tmp_path, text_file, adapter):
     cfg = compose_config(
@@ -293,6 +294,7 @@ def test_numerous_run_keeps_every_zero_and_records_its_teachers(tmp_path, text_f
     )
 
 
+@pytest.mark.slow
 def test_dense_teacher_run_keeps_every_zero(tmp_path, text_file):
     cfg = compose_config(tiny_run_overrides(text_file, teacher="dense", sparsity=0.6), tmp_path)
     results = run(cfg, progress=False)

@@ -51,6 +51,7 @@ def poisoned_overrides(text_file, step: int, when: str) -> list[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("when", "message", "good_step"),
     [
@@ -78,6 +79,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / "model").exists() and not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_an_adapter_only_checkpoint(tmp_path, text_file):
     overrides = tiny_run_overrides(text_file, **{"tune.checkpoint_every": 3, "export": "false"})
     results = run(compose_config(overrides, tmp_path), progress=False)
@@ -90,6 +92,7 @@ def test_a_finished_run_keeps_an_adapter_only_checkpoint(tmp_path, text_file):
     assert sum(t.numel() for t in saved.values()) == results["params"]["trainable"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_no_complete_looking_output(tmp_path, text_file, monkeypatch):
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
@@ -114,6 +117,7 @@ def test_atomic_text_writes_keep_the_old_file_when_interrupted(tmp_path, monkeyp
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+@pytest.mark.slow
 def test_zeros_are_rechecked_on_the_saved_files(tmp_path, text_file, monkeypatch):
     real_save = LlamaForCausalLM.save_pretrained
 
@@ -132,6 +136,7 @@ def test_zeros_are_rechecked_on_the_saved_files(tmp_path, text_file, monkeypatch
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_same_command_and_seed_give_identical_masks_metrics_and_files(tmp_path, text_file):
     def once(name: str, seed: int = 0) -> tuple[dict, bytes]:
         results = run(
@@ -152,6 +157,7 @@ def test_same_command_and_seed_give_identical_masks_metrics_and_files(tmp_path, 
     assert c["data"]["calibration"]["digest"] != a["data"]["calibration"]["digest"] and file_c != file_a
 
 
+@pytest.mark.slow
 def test_the_export_has_a_model_card_and_only_safetensors_weights(tmp_path, text_file):
     results = run(compose_config(tiny_run_overrides(text_file), tmp_path), progress=False)
     model_dir = Path(results["model_dir"])
@@ -191,6 +197,7 @@ def source_files() -> list[Path]:
     return [*ROOT.joinpath("sppx").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py"), ROOT / "run.py"]
 
 
+@pytest.mark.slow
 def test_every_torch_load_is_weights_only_and_no_remote_code_is_trusted_by_default():
     loads, problems = 0, []
     for path in source_files():

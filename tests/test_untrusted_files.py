@@ -53,6 +53,7 @@ def test_the_sandbox_also_guards_evaluation(tmp_path, tiny):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_poisoned_cached_task_is_rebuilt_not_run(tmp_path):
     pytest.importorskip("lm_eval")
     marker = tmp_path / "pwned"

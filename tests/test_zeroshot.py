@@ -93,6 +93,7 @@ def loglikelihood_argmax_accuracy(model, tokenizer, records: list[dict]) -> floa
     return right / len(records)
 
 
+@pytest.mark.slow
 def test_the_harness_scores_the_live_model_object(tmp_path, tiny):
     model, tokenizer = tiny
     records = toy_records()
@@ -111,6 +112,7 @@ def test_the_harness_scores_the_live_model_object(tmp_path, tiny):
     assert mean_accuracy({"a": {"acc": 0.5}, "b": {"acc": 0.25}, "c": {}}) == 0.375
 
 
+@pytest.mark.slow
 def test_missing_datasets_fail_in_plan_unless_optional(tmp_path, text_file):
     broken = tmp_path / "broken.yaml"
     broken.write_text(
@@ -141,6 +143,7 @@ def test_missing_datasets_fail_in_plan_unless_optional(tmp_path, text_file):
     assert not skipped and list(skipped.skipped) == ["broken_task"]
 
 
+@pytest.mark.slow
 def test_pipeline_reports_zero_shot_per_stage_and_logs_the_metrics(tmp_path, text_file):
     yaml_path = write_task(tmp_path / "task", "toy_mc", toy_records(8))
     overrides = tiny_run_overrides(
@@ -158,6 +161,7 @@ def test_pipeline_reports_zero_shot_per_stage_and_logs_the_metrics(tmp_path, tex
         assert key in header
 
 
+@pytest.mark.slow
 def test_the_shipped_cloze_task_runs_in_the_pipeline_on_wiki_text(tmp_path, text_file):
     pytest.importorskip("lm_eval")
     overrides = tiny_run_overrides(
@@ -178,6 +182,7 @@ def test_the_shipped_cloze_task_runs_in_the_pipeline_on_wiki_text(tmp_path, text
     assert len(records) == 400 and all(len(r["choices"]) == CHOICES for r in records)
 
 
+@pytest.mark.slow
 def test_the_export_evaluates_with_the_harness_cli_and_generates_with_transformers(tmp_path, text_file):
     yaml_path = write_task(tmp_path / "task", "toy_mc", toy_records(8))
     overrides = tiny_run_overrides(
@@ -224,6 +229,7 @@ def test_the_export_evaluates_with_the_harness_cli_and_generates_with_transforme
     assert tokenizer.decode(generated[0]).startswith(SAMPLE_TEXT[:40])
 
 
+@pytest.mark.slow
 def test_a_harness_task_without_its_dataset_is_named_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in every test: the hub is out of reach
     with pytest.raises(ConfigError, match=r"^eval\.tasks='boolq': its dataset could not be loaded \(") as err:

@@ -76,6 +76,7 @@ def test_masked_lora_keeps_every_zero_and_merged_equals_unmerged(pattern):
         assert int((lin.weight == 0).sum()) == int(zeros[name].sum())  # the update moved every kept weight
 
 
+@pytest.mark.slow
 def test_lora_merges_densely_through_peft(tmp_path):
     model = pruned_tiny()
     adapter = LoRAAdapter(dropout=0.0)
@@ -112,6 +113,7 @@ def test_lora_merges_densely_through_peft(tmp_path):
         torch.testing.assert_close(a.weight, b.weight, msg=name)
 
 
+@pytest.mark.slow
 def test_run_reports_the_sparsity_lora_destroyed(tmp_path, text_file):
     cfg = compose_config(
         tiny_run_overrides(text_file, adapter="lora", **{"adapter.dropout": 0.0}), tmp_path / "r"

@@ -22,6 +22,7 @@ def ddp_overrides(text_file) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file):
     one = run(compose_config(ddp_overrides(text_file), tmp_path / "one"), progress=False)
     two_dir = tmp_path / "two"

@@ -20,6 +20,7 @@ from tests.conftest import compose_config, run_py, sweep_args, tiny_run_override
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_full_run_writes_complete_results_and_a_reloadable_model(tmp_path, text_file):
     cfg = compose_config(tiny_run_overrides(text_file), tmp_path / "run")
     results = run(cfg, progress=False)
@@ -84,6 +85,7 @@ def test_pruner_none_and_adapter_none_reuse_measurements(tmp_path, text_file):
     assert results["params"]["trainable"] == 0 and not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["magnitude", "sparsegpt"])
 def test_nm_run_keeps_the_pattern_after_merge(tmp_path, text_file, pruner):
     cfg = compose_config(tiny_run_overrides(text_file, pattern="2:4", pruner=pruner), tmp_path)
@@ -95,12 +97,14 @@ def test_nm_run_keeps_the_pattern_after_merge(tmp_path, text_file, pruner):
         assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all()
 
 
+@pytest.mark.slow
 def test_tuning_lowers_perplexity_on_learnable_text(tmp_path, text_file):
     overrides = tiny_run_overrides(text_file, **{"trainer.max_steps": 40, "tune.lr": 2e-2, "sparsity": 0.75})
     results = run(compose_config(overrides, tmp_path), progress=False)
     assert results["ppl"]["final"] < results["ppl"]["pruned"]
 
 
+@pytest.mark.slow
 def test_multirun_from_the_command_line(tmp_path, text_file):
     proc = run_py(*sweep_args(tmp_path, text_file), "pruner=magnitude,wanda", "sparsity=0.5,0.6")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,6 +127,7 @@ def test_multirun_from_the_command_line(tmp_path, text_file):
     assert sorted((r["pruner"], float(r["target"])) for r in rows) == sorted(seen)
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, text_file):
     proc = run_py(*sweep_args(tmp_path, text_file), "sparsity=0.5,1.5")
     assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep went on, and then says a job failed
@@ -168,6 +173,7 @@ def wandb_records(run_dir: Path) -> bytes:
     return found.read_bytes()
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_and_logs_every_kind_of_record(tmp_path, text_file, monkeypatch, capsys):
     offline_wandb(monkeypatch, tmp_path)
     overrides = tiny_run_overrides(
@@ -196,6 +202,7 @@ def test_wandb_logger_runs_offline_and_logs_every_kind_of_record(tmp_path, text_
     assert wandb.run is None  # finished: the next run (a multirun's next job) starts a new one
 
 
+@pytest.mark.slow
 def test_a_wandb_sweep_gives_one_finished_run_per_job_grouped_by_the_sweep(tmp_path, text_file, monkeypatch):
     offline_wandb(monkeypatch, tmp_path)
     proc = run_py(*sweep_args(tmp_path, text_file, "my-sweep"), "sparsity=0.5,0.6", "logger=wandb")
@@ -207,6 +214,7 @@ def test_a_wandb_sweep_gives_one_finished_run_per_job_grouped_by_the_sweep(tmp_p
     assert proc.stderr.count("upload it with: wandb sync ") == 2
 
 
+@pytest.mark.slow
 def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, text_file):
     own = tmp_path / "calib.txt"
     own.write_text("A different text for calibration only, about stars and comets. " * 40)
@@ -248,6 +256,7 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
     )
 
 
+@pytest.mark.slow
 def test_instruction_file_tunes_on_its_responses(tmp_path, text_file):
     sample = Path(__file__).parents[1] / "data" / "alpaca_sample.json"
     cfg = compose_config(
@@ -268,6 +277,7 @@ def test_a_missing_instruction_file_fails_in_plan(tmp_path, text_file):
         plan(cfg)
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_server_logs_offline_after_the_timeout(tmp_path, monkeypatch):
     import wandb
 
@@ -287,6 +297,7 @@ def test_wandb_online_without_a_server_logs_offline_after_the_timeout(tmp_path, 
         wandb.finish()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeypatch):
     from sppx.interrupts import Interrupted
 
@@ -305,6 +316,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeyp
     assert len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1  # one run id across the resume
 
 
+@pytest.mark.slow
 def test_a_batch_job_logs_every_stage_and_the_summary_without_carriage_returns(tmp_path, text_file):
     out = tmp_path / "run"
     proc = run_py(*tiny_run_overrides(text_file, **{"trainer.max_steps": 3}), f"hydra.run.dir={out}")

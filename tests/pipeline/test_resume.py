@@ -42,6 +42,7 @@ def resume_overrides(text_file, teacher: str) -> list[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["none", "numerous"])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, text_file, teacher):
     overrides = resume_overrides(text_file, teacher)
@@ -80,6 +81,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, text_file, t
         assert resumed["teacher"]["schedule"] == whole["teacher"]["schedule"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_or_none_at_all_is_refused_in_the_plan(tmp_path, text_file):
     overrides = resume_overrides(text_file, "none")
     run(compose_config([*overrides, "trainer.max_steps=4"], tmp_path / "a"), progress=False)
@@ -138,6 +140,7 @@ def test_the_tuning_loader_keeps_the_shuffle_resumes_mid_epoch_and_splits_batche
     assert all(len(b) == 2 for b in slices[0])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_missing_an_adapter_tensor_ends_in_one_line(tmp_path, text_file):
     overrides = [*resume_overrides(text_file, "none"), "trainer.max_steps=4"]
     run(compose_config(overrides, tmp_path / "a"), progress=False)

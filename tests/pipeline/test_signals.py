@@ -56,6 +56,7 @@ def read_results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_signal_in_any_stage_is_recorded_as_interrupted(tmp_path, text_file, monkeypatch, stage, signum):
@@ -78,6 +79,7 @@ def test_a_signal_in_any_stage_is_recorded_as_interrupted(tmp_path, text_file, m
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_tuning_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, text_file, signum):
     steps = {"trainer.max_steps": 6, "data.val_windows": 2, "trainer.log_every_n_steps": 1}
@@ -115,6 +117,7 @@ def train_losses(run_dir: Path) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_run_py_exits_with_128_plus_the_signal_and_says_how_to_resume(tmp_path, text_file, signum):
     out = tmp_path / "run"

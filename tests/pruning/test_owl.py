@@ -76,6 +76,7 @@ def test_outlier_ratios_are_measured_on_the_dense_model():
     assert len(set(ratios)) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [WandaPruner, MagnitudePruner, SparseGPTPruner], ids=lambda c: c.name)
 def test_owl_keeps_the_mean_sparsity_at_the_target_while_blocks_differ(make):
     model = four_block_model()

@@ -41,6 +41,7 @@ def input_norms(model, module, calib) -> torch.Tensor:
     return acc.sqrt()
 
 
+@pytest.mark.slow
 def test_later_blocks_are_calibrated_on_pruned_outputs(tiny):
     model, _ = tiny
     torch.manual_seed(0)
@@ -57,6 +58,7 @@ def test_later_blocks_are_calibrated_on_pruned_outputs(tiny):
     assert not torch.allclose(pruner.seen[id(q1)], dense_q1, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_first_block_mask_matches_hand_computed_wanda(tiny):
     model, _ = tiny
     torch.manual_seed(0)

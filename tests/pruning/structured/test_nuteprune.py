@@ -232,6 +232,7 @@ def test_log_alpha_stays_within_the_clamp_after_training_steps(tiny):
     assert ranges["neurons"][0] < LOG_ALPHA_MAX - 1.0  # the gates did move
 
 
+@pytest.mark.slow
 def test_lagrangian_drives_expected_sparsity_to_the_target(tiny):
     model, _ = tiny
     pruner, budget, _ = run_select(model, 0.3, None, steps=200, warmup=0.4)
@@ -300,6 +301,7 @@ def test_folded_gates_equal_the_hooks_with_the_soft_deterministic_values(tiny):
     assert not torch.allclose(soft["neurons"], torch.ones_like(soft["neurons"]))
 
 
+@pytest.mark.slow
 def test_numerous_snapshots_follow_the_reference_schedule(tiny):
     model, _ = tiny
     pruner, _, _ = run_select(model, 0.3, numerous(), steps=120, warmup=0.4)

@@ -73,6 +73,7 @@ def example_structure(d: Dims, head_mode: str) -> Structure:
     return s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_mode", ["query", "group"])
 def test_removing_units_gives_the_masked_models_logits(head_mode):
     model = tiny_model()
@@ -234,6 +235,7 @@ def calibration(model, n: int = 8, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("units", "mode"), [(["neurons"], "scales"), (["heads", "neurons"], "scales"), (["neurons"], "columns")]
 )
@@ -350,6 +352,7 @@ def structured_overrides(text_file, neuron_multiple: bool = True, **extra) -> li
     return tiny_run_overrides(text_file, **values)
 
 
+@pytest.mark.slow
 def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
     cfg = compose_config(structured_overrides(text_file, pruner="comp", sparsity=0.3), tmp_path)
     results = run(cfg, progress=False)
@@ -369,6 +372,7 @@ def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
     assert saved["status"] == "complete" and "dense_shapes" not in saved["prune"]["structure"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
@@ -402,6 +406,7 @@ def test_structured_config_errors(tmp_path, text_file, extra, key):
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["numerous", "dense", "none"])
 def test_nuteprune_run_learns_masks_then_exports_a_smaller_model(tmp_path, text_file, teacher):
     overrides = structured_overrides(

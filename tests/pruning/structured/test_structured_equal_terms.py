@@ -77,6 +77,7 @@ def uneven_structure(d: Dims, head_mode: str) -> Structure:
 
 
 # --------------------------------------------------------------------------- per-layer widths
+@pytest.mark.slow
 @pytest.mark.parametrize("head_mode", ["query", "group"])
 def test_per_layer_widths_removal_equals_masking_and_the_export_reloads(tmp_path, head_mode):
     model = tiny_model()
@@ -149,6 +150,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize(
     "units", [["layers"], ["heads"], ["neurons"], ["layers", "neurons"], ["layers", "heads", "neurons"]]
@@ -178,6 +180,7 @@ def test_shortgpt_refuses_units_other_than_layers_in_one_line():
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_layer_criteria_remove_the_least_important_layer():
     model = tiny_model()
     d = Dims.of(model.config)
@@ -313,6 +316,7 @@ def test_flap_global_allocation_removes_exactly_the_budget_with_per_layer_widths
 
 
 # --------------------------------------------------------------------------- COMP's held-out error
+@pytest.mark.slow
 def test_comp_reports_mask_tuning_error_on_held_out_windows():
     model = tiny_model()
     calib = calibration(model)  # 8 windows: 6 fit the scales, 2 are held out
@@ -339,6 +343,7 @@ def test_comp_reports_mask_tuning_error_on_held_out_windows():
 
 
 # --------------------------------------------------------------------------- the pipeline
+@pytest.mark.slow
 def test_llm_pruner_run_exports_per_layer_widths_that_reload(tmp_path, text_file):
     overrides = tiny_run_overrides(
         text_file,
