@@ -4,7 +4,8 @@ Every supported architecture is one :class:`Family` in :data:`FAMILIES`, recogni
 ``model_type`` (:func:`family_of`): where the decoder blocks are (``model.model.layers`` for Llama,
 ``model.decoder.layers`` for OPT, ``gpt_neox.layers`` for GPT-NeoX), the Linears of a block by their
 name in the block (attention in / out, MLP in / out, in order), which of them pack several projections
-into one matrix (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX's ``query_key_value``), and how the
+into one matrix (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX's ``query_key_value``) and how
+their rows split into the parts and fuse back (:meth:`Family.split_rows`, :meth:`Family.fuse_rows`), and how the
 widths are read from the config (``num_hidden_layers``, ``hidden_size``, the intermediate width under
 the family's key, ``num_attention_heads``, ``num_key_value_heads`` when the family has grouped-query
 attention, ``head_dim`` when the config sets it apart from hidden / heads, as Qwen3 and Gemma do). A
@@ -54,8 +55,10 @@ class Family:
 
     ``attention_in`` is q, k, v in that order, or the one Linear that packs them (then it is in
     ``fused``); ``mlp_in`` is gate and up (gated MLP), the one Linear packing both (``fused``), or the one
-    up projection of a plain MLP (``gated=False``). ``units`` are the structured units sppx can remove
-    from this family; ``units_note`` says why the others cannot be (one line of the plan's refusal).
+    up projection of a plain MLP (``gated=False``). A fused attention input stacks all q rows, then k,
+    then v (Phi-3), or, when also in ``interleaved``, each head's q, k and v rows in turn (GPT-NeoX); a
+    fused MLP input stacks gate then up. ``units`` are the structured units sppx can remove from this
+    family; ``units_note`` says why the others cannot be (one line of the plan's refusal).
     """
 
     name: str
@@ -66,15 +69,20 @@ class Family:
     mlp_in: tuple[str, ...]
     mlp_out: str
     fused: tuple[str, ...] = ()
+    interleaved: tuple[str, ...] = ()  # fused attention inputs whose q, k, v rows alternate head by head
     gated: bool = True  # gate and up projections: 3 matrices per neuron (else 2)
     intermediate_key: str = "intermediate_size"
     kv_heads_key: str | None = "num_key_value_heads"  # None: every query head has its own K/V head
     # Config flags that declare a bias on a group of Linears (one flag for all of them): a structured
     # removal that adds a bias to one of them gives the others zero biases and sets the flag.
     bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    always_biased: tuple[str, ...] = ()  # Linears built with a bias whatever the config says
     softcap_key: str | None = None  # config key of the final logit soft-capping (Gemma)
     units: tuple[str, ...] = ("layers", "heads", "neurons")
     units_note: str = ""
+    # Whether a structured export whose layers have their own widths can be rebuilt
+    # (sppx.models.load_layer_widths_model re-creates Llama-named projections only).
+    per_layer_widths: bool = True
     notes: str = ""  # what else differs from Llama (documentation only)
 
     @property
@@ -126,10 +134,63 @@ class Family:
         shapes[self.mlp_out] = (hidden, neurons)
         return shapes
 
-    def check_structured(self, units: list[str], adds_biases: bool = False) -> None:
-        """Refuse (one line) structured units this family's layout cannot lose, and biases added to the
-        attention and MLP outputs (FLAP's compensation) that its config cannot declare: the exported
-        model would load without them."""
+    @property
+    def mlp_parts(self) -> int:
+        """Row parts of the MLP input per neuron: gate and up (2), or a plain MLP's one up projection."""
+        return 2 if self.gated else 1
+
+    def split_rows(self, name: str, x: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+        """The parts of Linear ``name``'s output rows, in their role order (q, k, v of the attention
+        input; gate, up of the MLP input), as views of ``x``: its weight, bias, gradient or row indices
+        (anything indexed by its rows first). One part for a Linear that packs nothing."""
+        if name not in self.fused:
+            return [x]
+        rest = tuple(x.shape[1:])
+        if name in self.interleaved:  # head h: rows [3 h hd, 3 h hd + hd) are q, then k, then v
+            if d.kv_heads != d.heads:
+                raise ValueError(f"{name}: interleaved q, k, v need as many K/V heads as query heads")
+            per_head = x.reshape(d.heads, 3, d.head_dim, *rest)
+            return [per_head[:, j].reshape(d.heads * d.head_dim, *rest) for j in range(3)]
+        if name == self.attention_in[0]:
+            q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+            return list(x.split([q, kv, kv]))
+        return list(x.chunk(2))
+
+    def fuse_rows(self, name: str, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+        """Linear ``name``'s rows from its parts (the inverse of :meth:`split_rows`, for parts that
+        keep the same heads: q, k and v of an interleaved input keep the same number)."""
+        if name in self.interleaved:
+            per_head = [p.reshape(-1, head_dim, *p.shape[1:]) for p in parts]
+            return torch.stack(per_head, dim=1).flatten(0, 2)
+        return torch.cat(parts)
+
+    def input_parts(self, block: nn.Module, d: Dims, values=None) -> tuple[list, list]:
+        """(q, k, v) and the MLP input's parts (gate, up; or the plain MLP's one) of a block:
+        ``values(linear)`` (its weight by default), one tensor per part, cut to the part's rows."""
+
+        def parts(names: tuple[str, ...]) -> list[torch.Tensor]:
+            found = [block.get_submodule(n) for n in names]
+            return [
+                p
+                for n, lin in zip(names, found, strict=True)
+                for p in self.split_rows(n, lin.weight if values is None else values(lin), d)
+            ]
+
+        return parts(self.attention_in), parts(self.mlp_in)
+
+    def own_names(self, targets: list[str]) -> list[str]:
+        """Llama's short names as this family's: each becomes the Linear in its role (q_proj is Phi-3's
+        qkv_proj, up_proj OPT's fc1), other names stay; duplicates go, the order stays."""
+        attention = self.attention_in if len(self.attention_in) == 3 else self.attention_in * 3
+        mlp = self.mlp_in if len(self.mlp_in) == 2 else self.mlp_in * 2
+        role = dict(zip(PROJECTIONS, (*attention, self.attention_out, *mlp, self.mlp_out), strict=True))
+        return list(dict.fromkeys(short(role[t]) if t in role else t for t in targets))
+
+    def check_structured(self, units: list[str], adds_biases: bool = False, varying=None) -> None:
+        """Refuse (one line) structured units this family's layout cannot lose; biases added to the
+        attention or MLP output (FLAP's compensation) that its config cannot declare (the exported model
+        would load without them); and per-layer widths (``varying``: the setting that gives them, its
+        value and the value that does not) where sppx cannot rebuild them."""
         for unit in units:
             if unit not in self.units:
                 raise ConfigError(
@@ -138,13 +199,23 @@ class Family:
                     f"{unit} cannot be removed from {self.name} models: {self.units_note}; "
                     f"allowed on {self.name}: {', '.join(self.units)}",
                 )
-        declared = {name for _, names in self.bias_flags for name in names}
-        if adds_biases and not {self.attention_out, self.mlp_out} <= declared:
+        declared = {name for _, names in self.bias_flags for name in names} | set(self.always_biased)
+        outputs = [n for u, n in (("heads", self.attention_out), ("neurons", self.mlp_out)) if u in units]
+        undeclared = [n for n in outputs if n not in declared]
+        if adds_biases and undeclared:
             raise ConfigError(
                 "pruner.bias_compensation",
                 True,
-                f"adds biases to {self.attention_out} and {self.mlp_out}, which a {self.name} config "
-                "cannot declare (the exported model would load without them); set it to false",
+                f"adds biases to {' and '.join(undeclared)}, which a {self.name} config cannot declare "
+                "(the exported model would load without them); set it to false",
+            )
+        if varying and not self.per_layer_widths and ("heads" in units or "neurons" in units):
+            key, value, uniform = varying
+            raise ConfigError(
+                key,
+                value,
+                f"gives layers widths of their own, which sppx reloads only for families with Llama's "
+                f"projection names, not {self.name}: set {key}={uniform}",
             )
 
 
@@ -203,8 +274,8 @@ FAMILIES: tuple[Family, ...] = (
         mlp_in=("mlp.gate_up_proj",),
         mlp_out="mlp.down_proj",
         fused=("self_attn.qkv_proj", "mlp.gate_up_proj"),
-        units=("layers",),
-        units_note="it fuses q, k and v in self_attn.qkv_proj and gate and up in mlp.gate_up_proj",
+        per_layer_widths=False,
+        notes="q, k, v stacked in qkv_proj, gate and up in gate_up_proj; head_dim written to the config",
     ),
     Family(
         name="opt",
@@ -217,8 +288,25 @@ FAMILIES: tuple[Family, ...] = (
         gated=False,
         intermediate_key="ffn_dim",
         kv_heads_key=None,
-        units=("layers",),
-        units_note="head and neuron removal is not described for its out_proj / fc1 / fc2 layout yet",
+        bias_flags=(
+            (
+                "enable_bias",
+                (
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.out_proj",
+                    "fc1",
+                    "fc2",
+                ),
+            ),
+        ),
+        units=("layers", "neurons"),
+        units_note=(
+            "transformers' OPTAttention takes head_dim = hidden_size // num_attention_heads (OPTConfig has "
+            "no head_dim), so fewer heads cannot be described with the hidden size kept"
+        ),
+        per_layer_widths=False,
         notes="biases everywhere; learned positions; fc1 / fc2 plain MLP",
     ),
     Family(
@@ -230,14 +318,19 @@ FAMILIES: tuple[Family, ...] = (
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         fused=("attention.query_key_value",),
+        interleaved=("attention.query_key_value",),
         gated=False,
         kv_heads_key=None,
-        units=("layers",),
+        bias_flags=(("attention_bias", ("attention.query_key_value", "attention.dense")),),
+        always_biased=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        units=("layers", "neurons"),
         units_note=(
-            "it interleaves q, k and v head by head in attention.query_key_value, and neuron removal "
-            "is not described for its plain MLP yet"
+            "transformers' GPTNeoXAttention takes head_size = hidden_size // num_attention_heads and a "
+            "3 x hidden_size query_key_value (no head_dim), so fewer heads cannot be described with the "
+            "hidden size kept"
         ),
-        notes="parallel residual; biases everywhere",
+        per_layer_widths=False,
+        notes="parallel residual; biases everywhere; q, k, v interleaved per head",
     ),
 )
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}

@@ -1,8 +1,10 @@
 """Every described decoder family (sppx.anatomy.FAMILIES) through one-shot pruning, adapters, the dense
-teacher and whole-layer removal, on tiny random models built here from transformers' config classes
-(seeded; 2 layers, hidden 64, 4 heads / 2 K/V heads where the family has grouped-query attention,
-intermediate 128, vocabulary 300; nothing downloads). Plus the plan's refusals: a model type sppx has
-no description of, and heads or neurons of a family that fuses its projections."""
+teacher, and structured removal (layers, heads, neurons: masked == removed == the export reloaded with
+plain transformers), on tiny random models built here from transformers' config classes (seeded; 2
+layers, hidden 64, 4 heads / 2 K/V heads where the family has grouped-query attention, intermediate 128,
+vocabulary 300, unless a test says otherwise; nothing downloads). Plus the plan's refusals: a model type
+sppx has no description of, heads of a family whose config cannot describe fewer, biases or per-layer
+widths a family's export cannot keep."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -40,6 +43,7 @@ from sppx.anatomy import (
     sequential_groups,
 )
 from sppx.errors import ConfigError
+from sppx.export import save_model
 from sppx.masking import StudentMasks
 from sppx.models import byte_tokenizer
 from sppx.pipeline import plan
@@ -47,41 +51,66 @@ from sppx.pipeline.planning import linear_shapes
 from sppx.pruning import SparseGPTPruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.owl import layer_sparsities
 from sppx.pruning.sequential import capture_block_inputs, run_block
-from sppx.pruning.structured import MagnitudeStructuredPruner, ShortGPTPruner, StructuredContext, shrink_model
+from sppx.pruning.structured import (
+    COMPPruner,
+    FLAPPruner,
+    LLMPrunerPruner,
+    MagnitudeStructuredPruner,
+    ShortGPTPruner,
+    StructuredContext,
+    shrink_model,
+)
+from sppx.pruning.structured.hard_concrete import soft_gate
+from sppx.pruning.structured.nuteprune import UnitGates
 from sppx.pruning.structured.units import Budget, mask_model
 from sppx.teachers import DenseTeacher
 from tests.conftest import compose_config, tiny_run_overrides
 
 VOCAB = 300
-SIZES = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-GQA = {"num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
 
 
-def tiny_config(name: str):
-    """A 2-layer config of family ``name``. Gemma's layers mix sliding-window (8 tokens) and full
-    attention, so the calibration engine must give each block its own mask and rotary tables."""
-    sliding = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: the tiny models run several times faster than with two on a shared machine."""
+    torch.set_num_threads(1)
+
+
+def tiny_config(name: str, layers: int = 2, hidden: int = 64, heads: int = 4):
+    """A config of family ``name`` (2 layers, hidden 64, 4 heads in 2 K/V groups where the family has
+    grouped-query attention, intermediate 128 by default). Gemma's layers mix sliding-window (8 tokens)
+    and full attention, so the calibration engine must give each block its own mask and rotary tables."""
+    sizes = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+    }
+    gqa = {"num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
+    kinds = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
+    sliding = {"sliding_window": 8, "layer_types": kinds}
     return {
-        "llama": lambda: LlamaConfig(**SIZES, **GQA),
-        "mistral": lambda: MistralConfig(**SIZES, **GQA, sliding_window=8),
-        "qwen2": lambda: Qwen2Config(**SIZES, **GQA),
-        "qwen3": lambda: Qwen3Config(**SIZES, **GQA, head_dim=32),
-        "gemma2": lambda: Gemma2Config(**SIZES, **GQA, head_dim=32, **sliding),
-        "gemma3_text": lambda: Gemma3TextConfig(**SIZES, **GQA, head_dim=32, **sliding),
-        "phi3": lambda: Phi3Config(**SIZES, **GQA, pad_token_id=0),
-        "opt": lambda: OPTConfig(**SIZES, ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128),
-        "gpt_neox": lambda: GPTNeoXConfig(**SIZES, intermediate_size=128, max_position_embeddings=128),
+        "llama": lambda: LlamaConfig(**sizes, **gqa),
+        "mistral": lambda: MistralConfig(**sizes, **gqa, sliding_window=8),
+        "qwen2": lambda: Qwen2Config(**sizes, **gqa),
+        "qwen3": lambda: Qwen3Config(**sizes, **gqa, head_dim=32),
+        "gemma2": lambda: Gemma2Config(**sizes, **gqa, head_dim=32, **sliding),
+        "gemma3_text": lambda: Gemma3TextConfig(**sizes, **gqa, head_dim=32, **sliding),
+        "phi3": lambda: Phi3Config(**sizes, **gqa, pad_token_id=0),
+        "opt": lambda: OPTConfig(
+            **sizes, ffn_dim=128, word_embed_proj_dim=hidden, max_position_embeddings=128
+        ),
+        "gpt_neox": lambda: GPTNeoXConfig(**sizes, intermediate_size=128, max_position_embeddings=128),
     }[name]()
 
 
 NAMES = [f.name for f in FAMILIES]
-LLAMA_LIKE = [f.name for f in FAMILIES if "heads" in f.units]
+WITH_HEADS = [f.name for f in FAMILIES if "heads" in f.units]
 UNSTRUCTURED = SparsityPattern("unstructured")
 
 
-def tiny_model(name: str) -> nn.Module:
+def tiny_model(name: str, **sizes) -> nn.Module:
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(name)).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(name, **sizes)).eval()
 
 
 def calibration(n: int = 4, seqlen: int = 16) -> torch.Tensor:
@@ -140,6 +169,45 @@ def test_llama_keeps_its_names_and_order():
     ]
     neox = family_of(tiny_config("gpt_neox"))
     assert neox.targets == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    # Llama's names in the family's roles (NutePrune's LoRA targets): fused inputs once.
+    assert phi3.own_names(["q_proj", "v_proj"]) == ["qkv_proj"]
+    assert neox.own_names(["q_proj", "v_proj", "down_proj"]) == ["query_key_value", "dense_4h_to_h"]
+    assert opt.own_names(["q_proj", "v_proj", "gate_proj", "up_proj", "o_proj"]) == [
+        "q_proj",
+        "v_proj",
+        "fc1",
+        "out_proj",
+    ]
+    assert LLAMA.own_names(PROJECTIONS) == PROJECTIONS
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt_neox"])
+def test_fused_inputs_split_into_what_the_model_computes_and_fuse_back(name):
+    """Phi-3's qkv_proj stacks q, k, v (Phi3Attention slices its output); GPT-NeoX's query_key_value
+    interleaves them head by head (GPTNeoXAttention views its output as heads x 3 head_size and chunks
+    it); Phi-3's gate_up_proj stacks gate and up (Phi3MLP chunks it in two)."""
+    model = tiny_model(name)
+    family, d = family_of(model), Dims.of(model.config)
+    block = decoder_layers(model)[0]
+    x = torch.randn(1, 5, d.hidden, generator=torch.Generator().manual_seed(3))
+    for fused in family.fused:
+        linear = block.get_submodule(fused)
+        weights = family.split_rows(fused, linear.weight, d)
+        biases = family.split_rows(fused, linear.bias, d) if linear.bias is not None else [None] * 3
+        with torch.no_grad():
+            got = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=False)]
+            out = linear(x)
+        if fused in family.interleaved:
+            expected = [t.reshape(1, 5, -1) for t in out.view(1, 5, -1, 3 * d.head_dim).chunk(3, dim=-1)]
+        elif fused == family.attention_in[0]:
+            q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+            expected = [out[..., :q], out[..., q : q + kv], out[..., q + kv :]]
+        else:
+            expected = list(out.chunk(2, dim=-1))
+        assert len(got) == len(expected) == (3 if fused in family.attention_in else 2)
+        for part, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(part, want, rtol=0, atol=1e-6)
+        assert torch.equal(family.fuse_rows(fused, weights, d.head_dim), linear.weight)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -280,8 +348,8 @@ def test_shortgpt_removes_a_layer_from_every_family(name):
     assert layer_types is None or len(layer_types) == 1
 
 
-@pytest.mark.parametrize("name", LLAMA_LIKE)
-def test_heads_and_neurons_come_out_of_llama_like_families(name):
+@pytest.mark.parametrize("name", WITH_HEADS)
+def test_heads_and_neurons_come_out_of_every_family_with_heads(name):
     model, calib = tiny_model(name), calibration()
     masked = copy.deepcopy(model)
     pruner = MagnitudeStructuredPruner(units=["heads", "neurons"])
@@ -297,6 +365,124 @@ def test_heads_and_neurons_come_out_of_llama_like_families(name):
         prunable_linears(model, PROJECTIONS).keys()
         == Budget().linear_shapes(Dims.of(tiny_config(name)), family_of(model)).keys()
     )
+
+
+def structured_units(name: str) -> list[str]:
+    """Heads and neurons where the family can lose heads, else neurons."""
+    return ["heads", "neurons"] if "heads" in family_of(tiny_config(name)).units else ["neurons"]
+
+
+# 6 heads in 2 K/V groups of 3 (hidden 48): a quarter of the budget takes one head of each group, and
+# the 4 left still divide the hidden size (LlamaConfig and the Gemma configs refuse to save otherwise).
+SIX_HEADS = {"hidden": 48, "heads": 6}
+
+
+def removal_matches_masking(model: nn.Module, structure, folder, ids: torch.Tensor) -> nn.Module:
+    """Remove ``structure`` from ``model``, export it as the pipeline does and reload it with plain
+    transformers: the reloaded model (and the shrunk one, KV cache on) computes the masked model's
+    logits. Returns the reloaded model."""
+    masked = copy.deepcopy(model)
+    mask_model(masked, structure)
+    shrink_model(model, structure)
+    save_model(model, byte_tokenizer(), folder)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = logits(masked, ids)
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids, use_cache=True), expected, rtol=0, atol=1e-5)
+    assert family_of(loaded) is family_of(model)
+    return loaded
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_magnitude_heads_and_neurons_export_and_reload(name, tmp_path):
+    """magnitude_structured at 25%: heads (where the family has them) and neurons come out, the export
+    reloads with plain transformers at the budget's shapes and computes the masked model."""
+    model, calib = tiny_model(name, **SIX_HEADS), calibration()
+    pruner = MagnitudeStructuredPruner(units=structured_units(name))
+    d = Dims.of(model.config)
+    budget = pruner.budget(d, 0.25)
+    assert budget.neurons and bool(budget.heads) == ("heads" in pruner.units)
+    structure = pruner.select(model, budget, StructuredContext(progress=False))
+    loaded = removal_matches_masking(model, structure, tmp_path / "model", calib[:2])
+    shapes = {n: tuple(lin.weight.shape) for n, lin in prunable_linears(loaded, PROJECTIONS).items()}
+    assert shapes == budget.linear_shapes(d, family_of(loaded))
+    assert Dims.of(loaded.config).head_dim == d.head_dim
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_comp_layers_and_neurons_export_and_reload(name, tmp_path):
+    """COMP at 25% of a 6-layer model: half the budget is one whole layer, the rest neurons (re-fitted
+    scales folded into the MLP output); the export reloads and computes the masked model."""
+    model, calib = tiny_model(name, layers=6), calibration()
+    pruner = COMPPruner(batch_size=4)
+    budget = pruner.budget(Dims.of(model.config), 0.25)
+    assert budget.layers == 1 and budget.neurons
+    structure = pruner.select(model, budget, StructuredContext(calibration=calib, progress=False))
+    loaded = removal_matches_masking(model, structure, tmp_path / "model", calib[:2])
+    assert loaded.config.num_hidden_layers == 5
+    assert family_of(loaded).intermediate(loaded.config) == 128 - budget.neurons
+
+
+@pytest.mark.parametrize("name", ["phi3", "opt", "gpt_neox"])
+@pytest.mark.parametrize("method", ["flap", "llm_pruner"])
+def test_flap_and_llm_pruner_on_fused_and_plain_families(name, method, tmp_path):
+    """FLAP (uniform widths; bias compensation where the config declares the biases: OPT's enable_bias,
+    GPT-NeoX's MLP) and LLM-Pruner (all layers) at 25%: the export reloads and computes the masked model."""
+    model, calib = tiny_model(name, **SIX_HEADS), calibration()
+    units = structured_units(name)
+    if method == "flap":
+        pruner = FLAPPruner(units=units, allocation="uniform", bias_compensation=name != "phi3", batch_size=2)
+    else:
+        pruner = LLMPrunerPruner(units=units, layer_range="all", batch_size=2, nsamples=4, seqlen=16)
+    budget = pruner.budget(Dims.of(model.config), 0.25)
+    assert budget.neurons and bool(budget.heads) == ("heads" in units)
+    structure = pruner.select(model, budget, StructuredContext(calibration=calib, progress=False))
+    removal_matches_masking(model, structure, tmp_path / "model", calib[:2])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nuteprune_gates_close_what_removal_removes(name):
+    """NutePrune's hooks with closed gates compute the masked model of the structure they give; soft
+    gates folded into the weights compute what the hooks do (a fused gate_up_proj: both halves)."""
+    model, ids = tiny_model(name, **SIX_HEADS), calibration(2, 12)
+    d, units = Dims.of(model.config), structured_units(name)
+    gates = UnitGates(d, units, droprate_init=0.5)
+    with torch.no_grad():
+        for gate in gates.kinds.values():
+            gate.log_alpha.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(1))
+    structure = gates.structure(Budget(heads=d.kv_heads if "heads" in units else 0, neurons=32))
+    kept = {"heads": structure.heads_of, "neurons": structure.neurons_of}
+    closed = {kind: torch.zeros_like(gate.log_alpha) for kind, gate in gates.kinds.items()}
+    for kind, z in closed.items():
+        for i in range(d.layers):
+            z[i, kept[kind](i)] = 1.0
+    masked = copy.deepcopy(model)
+    mask_model(masked, structure)
+    gates.attach(model)
+    soft = {kind: soft_gate(gate.log_alpha.detach()) for kind, gate in gates.kinds.items()}
+    with gates.using(closed):
+        torch.testing.assert_close(logits(model, ids), logits(masked, ids), rtol=0, atol=1e-5)
+    with gates.using(soft):
+        hooked = logits(model, ids)
+    gates.detach()
+    gates.fold(model)
+    torch.testing.assert_close(logits(model, ids), hooked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["phi3", "opt", "gpt_neox"])
+def test_nuteprune_learns_masks_on_fused_and_plain_families(name, tmp_path):
+    """Two mask-learning steps with LoRA on Llama's q_proj / v_proj (Phi-3's qkv_proj, GPT-NeoX's
+    query_key_value), merged, then removed: the export reloads and computes the masked model."""
+    from sppx.adapters import LoRAAdapter
+    from sppx.pruning.structured import NutePrunePruner
+
+    model, calib = tiny_model(name, **SIX_HEADS), calibration(8, 16)
+    pruner = NutePrunePruner(units=structured_units(name), steps=2, batch_size=2, accelerator="cpu")
+    budget = pruner.budget(Dims.of(model.config), 0.25)
+    ctx = StructuredContext(train=calib, progress=False, lora_factory=LoRAAdapter)
+    structure = pruner.select(model, budget, ctx)
+    assert pruner.report["lora_merged"] == 2 * len(family_of(model).own_names(["q_proj", "v_proj"]))
+    removal_matches_masking(model, structure, tmp_path / "model", calib[:2])
 
 
 # --------------------------------------------------------------------------- the plan
@@ -327,12 +513,15 @@ def test_an_undescribed_model_type_fails_in_the_plan(tmp_path, text_file):
     assert "llama" in message and "gpt_neox" in message and "docs/extending.md" in message
 
 
-@pytest.mark.parametrize(("name", "units"), [("phi3", "[heads,neurons]"), ("gpt_neox", "[neurons]")])
-def test_heads_or_neurons_of_a_fused_family_fail_in_the_plan(tmp_path, text_file, name, units):
+@pytest.mark.parametrize(("name", "units"), [("opt", "[heads,neurons]"), ("gpt_neox", "[heads]")])
+def test_heads_of_a_family_that_derives_head_dim_fail_in_the_plan(tmp_path, text_file, name, units):
+    """OPT and GPT-NeoX attention take head_dim = hidden_size // num_attention_heads: fewer heads with the
+    hidden size kept has no standard config."""
     folder = model_folder(tmp_path, tiny_config(name))
-    unit = units.strip("[]").split(",")[0]
     with pytest.raises(
-        ConfigError, match=rf"^pruner\.units=.*: {unit} cannot be removed from {name} models: [^\n]*$"
+        ConfigError,
+        match=rf"^pruner\.units=.*: heads cannot be removed from {name} models: transformers' \w+ takes "
+        rf"head_\w+ = hidden_size // num_attention_heads[^\n]*; allowed on {name}: layers, neurons$",
     ):
         planned(
             tmp_path,
@@ -341,6 +530,50 @@ def test_heads_or_neurons_of_a_fused_family_fail_in_the_plan(tmp_path, text_file
             pruner="magnitude_structured",
             pattern="structured",
             **{"pruner.units": units},
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("phi3", {"pruner": "magnitude_structured", "pruner.units": "[heads,neurons]"}),
+        ("phi3", {"pruner": "flap", "pruner.allocation": "uniform", "pruner.bias_compensation": "false"}),
+        ("opt", {"pruner": "flap", "pruner.units": "[neurons]", "pruner.allocation": "uniform"}),
+        ("gpt_neox", {"pruner": "llm_pruner", "pruner.units": "[neurons]"}),
+        ("gpt_neox", {"pruner": "comp"}),
+    ],
+)
+def test_heads_and_neurons_plan_on_phi3_opt_and_gpt_neox(tmp_path, text_file, name, extra):
+    """Units a family can lose plan; FLAP's bias compensation where the config declares the biases
+    (OPT's enable_bias)."""
+    folder = model_folder(tmp_path, tiny_config(name))
+    p = planned(tmp_path, text_file, folder, pattern="structured", sparsity=0.25, **extra)
+    assert p.pruner.targets == family_of(p.model_config).targets
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "key"),
+    [
+        ("opt", {"pruner": "flap", "pruner.units": "[neurons]"}, r"pruner\.allocation='global'"),
+        ("phi3", {"pruner": "llm_pruner", "pruner.layer_range": "[0,1]"}, r"pruner\.layer_range=\[0, 1\]"),
+    ],
+    ids=["flap-global-opt", "layer-range-phi3"],
+)
+def test_per_layer_widths_a_family_cannot_reload_fail_in_the_plan(tmp_path, text_file, name, extra, key):
+    """sppx rebuilds layers of their own widths only for Llama-named projections: elsewhere FLAP's global
+    allocation and a protected layer range (layers outside it keep their widths) are refused."""
+    folder = model_folder(tmp_path, tiny_config(name))
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{key}: gives layers widths of their own, [^\n]* not {name}: set pruner\.\w+=\w+$",
+    ):
+        planned(
+            tmp_path,
+            text_file,
+            folder,
+            pattern="structured",
+            sparsity=0.25,
+            **extra,
         )
 
 

@@ -120,6 +120,11 @@ class StructuredPruner:
         """Choose the units to remove (and rewrite kept weights if the method does)."""
         raise NotImplementedError
 
+    def varying_widths(self, d: Dims) -> tuple[str, object, str] | None:
+        """The setting that gives pruned layers widths of their own (key, value, the value that does
+        not), or None when every layer keeps the same widths."""
+        return None
+
 
 def require_layer_share(value) -> None:
     require(is_number(value) and 0 <= value <= 1, "pruner.layer_share", value, "must be a number in [0, 1]")
@@ -155,6 +160,12 @@ class OneShotStructured(StructuredPruner):
 
     def span(self, d: Dims) -> tuple[int, int]:
         return pruned_span(d.layers, self.layer_range)
+
+    def varying_widths(self, d: Dims) -> tuple[str, object, str] | None:
+        """Layers outside ``layer_range`` keep their widths, so they differ from the pruned ones."""
+        if self.span(d) != (0, d.layers):
+            return "pruner.layer_range", self.layer_range, "all"
+        return None
 
     def budget(self, d: Dims, sparsity: float) -> Budget:
         return allocate(

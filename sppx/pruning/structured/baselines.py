@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sppx.anatomy import Dims, decoder_layers
+from sppx.anatomy import LLAMA, Dims, Family, decoder_layers, family_of, short
 from sppx.errors import require, require_positive_int
 from sppx.evaluate import next_token_nll
 from sppx.progress import bar
@@ -60,19 +60,20 @@ def choose_units(structure: Structure, i: int, budget: Budget, head_scores, neur
         structure.neurons[i] = keep_all_but(d.intermediate, lowest_units(neuron_scores, budget.neurons))
 
 
-def group_sums(d: Dims, block: nn.Module, values) -> tuple[torch.Tensor, torch.Tensor]:
+def group_sums(
+    d: Dims, block: nn.Module, values, family: Family = LLAMA
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight quantity ``values(linear)`` (a tensor shaped like its weight) over each query
-    head's weights (q_proj rows, o_proj columns, and its share of the K/V rows in head_mode=group) and
-    each neuron's (gate_proj and up_proj rows, down_proj column)."""
-    attn, mlp = block.self_attn, block.mlp
+    head's weights (q rows, attention output columns, and its share of the K/V rows in head_mode=group)
+    and each neuron's (gate and up rows, or a plain MLP's up row, and its MLP output column). Fused
+    inputs are split into their parts by ``family``'s description."""
     hd, g = d.head_dim, d.group_size
-    q = values(attn.q_proj).sum(dim=1).reshape(d.heads, hd).sum(dim=1)
-    o = values(attn.o_proj).sum(dim=0).reshape(d.heads, hd).sum(dim=1)
-    kv = (values(attn.k_proj).sum(dim=1) + values(attn.v_proj).sum(dim=1)).reshape(d.kv_heads, hd).sum(dim=1)
-    heads = q + o + kv.repeat_interleave(g) / g  # K/V only matter when whole groups go
-    neurons = (
-        values(mlp.gate_proj).sum(dim=1) + values(mlp.up_proj).sum(dim=1) + values(mlp.down_proj).sum(dim=0)
-    )
+    (q, k, v), mlp_in = family.input_parts(block, d, values)
+    o = values(block.get_submodule(family.attention_out))
+    heads = q.sum(dim=1).reshape(d.heads, hd).sum(dim=1) + o.sum(dim=0).reshape(d.heads, hd).sum(dim=1)
+    kv = (k.sum(dim=1) + v.sum(dim=1)).reshape(d.kv_heads, hd).sum(dim=1)
+    heads = heads + kv.repeat_interleave(g) / g  # K/V only matter when whole groups go
+    neurons = sum(part.sum(dim=1) for part in mlp_in) + values(block.get_submodule(family.mlp_out)).sum(dim=0)
     return heads.detach().double().cpu(), neurons.detach().double().cpu()
 
 
@@ -141,7 +142,9 @@ class MagnitudeStructuredPruner(OneShotStructured):
             ).sqrt()
             choose_layers(self, structure, budget, "weight norm", norms)
         for i in pruned_layers(structure, budget):
-            heads, neurons = group_sums(d, blocks[i], lambda lin: lin.weight.double().pow(2))
+            heads, neurons = group_sums(
+                d, blocks[i], lambda lin: lin.weight.double().pow(2), family_of(model)
+            )
             choose_units(structure, i, budget, heads.sqrt(), neurons.sqrt())
         return structure
 
@@ -194,7 +197,7 @@ class LLMPrunerPruner(OneShotStructured):
 
     def _choose(self, model, d: Dims, budget: Budget) -> Structure:
         structure = Structure(d)
-        blocks = decoder_layers(model)
+        blocks, family = decoder_layers(model), family_of(model)
 
         def taylor(lin: nn.Linear) -> torch.Tensor:
             return (lin.weight * lin.weight.grad).abs()
@@ -204,7 +207,7 @@ class LLMPrunerPruner(OneShotStructured):
                 self, structure, budget, "taylor", torch.tensor([layer_sum(b, taylor) for b in blocks])
             )
         for i in pruned_layers(structure, budget):
-            heads, neurons = group_sums(d, blocks[i], taylor)
+            heads, neurons = group_sums(d, blocks[i], taylor, family)
             choose_units(structure, i, budget, heads, neurons)
         return structure
 
@@ -219,12 +222,16 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std()
 
 
-def flap_scores(d: Dims, block: nn.Module, stats: dict[str, InputStats], allocation: str):
+def flap_scores(
+    d: Dims, block: nn.Module, stats: dict[str, InputStats], allocation: str, family: Family = LLAMA
+):
     """(per query head, per neuron) scores of one layer from its dense input statistics. A channel of
-    o_proj scores its fluctuation squared; ``uniform``: a head is the sum of its channels', neurons their
-    fluctuation; ``global``: both standardised over the layer's module first, a head the mean."""
-    channels = fluctuation(stats["o_proj"], block.self_attn.o_proj).pow(2)
-    neurons = fluctuation(stats["down_proj"], block.mlp.down_proj)
+    the attention output (o_proj) scores its fluctuation squared; ``uniform``: a head is the sum of its
+    channels', neurons their fluctuation (on the MLP output's inputs); ``global``: both standardised
+    over the layer's module first, a head the mean."""
+    attention_out, mlp_out = family.attention_out, family.mlp_out
+    channels = fluctuation(stats[short(attention_out)], block.get_submodule(attention_out)).pow(2)
+    neurons = fluctuation(stats[short(mlp_out)], block.get_submodule(mlp_out))
     if allocation == "uniform":
         return channels.reshape(d.heads, d.head_dim).sum(dim=1), neurons
     return standardise(channels).reshape(d.heads, d.head_dim).mean(dim=1), standardise(neurons)
@@ -263,9 +270,14 @@ class FLAPPruner(OneShotStructured):
         """Whether the removal adds biases to the attention and MLP outputs (bias compensation)."""
         return self.bias_compensation and ("heads" in self.units or "neurons" in self.units)
 
+    def varying_widths(self, d: Dims) -> tuple[str, object, str] | None:
+        if self.allocation == "global":
+            return "pruner.allocation", self.allocation, "uniform"
+        return super().varying_widths(d)
+
     @torch.no_grad()
     def select(self, model, budget: Budget, ctx: StructuredContext) -> Structure:
-        d = Dims.of(model.config)
+        d, family = Dims.of(model.config), family_of(model)
         structure = Structure(d)
         blocks = decoder_layers(model)
         if budget.layers:
@@ -276,11 +288,10 @@ class FLAPPruner(OneShotStructured):
         if not (budget.heads or budget.neurons) or not layers:
             return structure
         with ctx.watch("statistics"):
-            stats = dense_input_stats(
-                model, ctx.calibration, self.batch_size, ["o_proj", "down_proj"], ctx.progress
-            )
+            outputs = [short(family.attention_out), short(family.mlp_out)]
+            stats = dense_input_stats(model, ctx.calibration, self.batch_size, outputs, ctx.progress)
         with ctx.watch("masks"):
-            scores = {i: flap_scores(d, blocks[i], stats[i], self.allocation) for i in layers}
+            scores = {i: flap_scores(d, blocks[i], stats[i], self.allocation, family) for i in layers}
             if self.allocation == "global":
                 heads = {i: h for i, (h, _) in scores.items()}
                 neurons = {i: n for i, (_, n) in scores.items()}
@@ -289,21 +300,21 @@ class FLAPPruner(OneShotStructured):
                 budgets = dict.fromkeys(layers, budget)
             for i in layers:
                 choose_units(structure, i, budgets[i], *scores[i])
-                self._remove(structure, i, blocks[i], stats[i])
+                self._remove(structure, i, blocks[i], stats[i], family)
         return structure
 
-    def _remove(self, structure: Structure, i: int, block: nn.Module, stats: dict[str, InputStats]) -> None:
-        """Zero layer ``i``'s removed units' o_proj / down_proj columns, adding their mean output to the
-        bias first (with ``bias_compensation``)."""
+    def _remove(
+        self, structure: Structure, i: int, block: nn.Module, stats: dict[str, InputStats], family: Family
+    ) -> None:
+        """Zero layer ``i``'s removed units' attention / MLP output columns, adding their mean output to
+        the bias first (with ``bias_compensation``)."""
         d = structure.dims
         gone_heads = head_columns(keep_all_but(d.heads, structure.heads_of(i)), d.head_dim)
         gone_neurons = torch.tensor(keep_all_but(d.intermediate, structure.neurons_of(i)), dtype=torch.long)
-        for linear, gone, x in (
-            (block.self_attn.o_proj, gone_heads, stats["o_proj"]),
-            (block.mlp.down_proj, gone_neurons, stats["down_proj"]),
-        ):
+        for name, gone in ((family.attention_out, gone_heads), (family.mlp_out, gone_neurons)):
             if not gone.numel():
                 continue
+            linear, x = block.get_submodule(name), stats[short(name)]
             if self.bias_compensation:
                 mean = x.mean[gone].to(linear.weight.device)
                 add_bias(linear, linear.weight[:, gone.to(linear.weight.device)].double() @ mean)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sppx.anatomy import Dims, decoder_layers
+from sppx.anatomy import Dims, decoder_layers, family_of
 from sppx.errors import is_number, require, require_fraction
 from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_blocks
 from sppx.pruning.structured.base import (
@@ -274,6 +274,7 @@ class COMPPruner(OneShotStructured):
         """One kept layer at a time, on the outputs of the already pruned layers before it: score,
         choose, tune. The removed layers are skipped; the layers outside the span are only run."""
         d, layers, watch = structure.dims, decoder_layers(model), ctx.watch
+        outputs = {"heads": family_of(model).attention_out, "neurons": family_of(model).mlp_out}
         kept = structure.layers_kept
         calib = ctx.calibration
         with watch("capture"):
@@ -290,7 +291,7 @@ class COMPPruner(OneShotStructured):
             for kind in ("heads", "neurons"):
                 if not getattr(budget, kind):
                     continue
-                linear = block.self_attn.o_proj if kind == "heads" else block.mlp.down_proj
+                linear = block.get_submodule(outputs[kind])
                 with watch("statistics"):
                     grams = collect_grams(block, linear, block_inputs, fit_batches)
                 with watch("masks"):

@@ -5,7 +5,9 @@ implemented, its options, a measured run and every deviation from the paper and 
 Mask learning. Every attention head (query head; with GQA the K/V heads are kept) and every FFN neuron
 of every layer gets a hard-concrete gate (:mod:`~sppx.pruning.structured.hard_concrete`). A head's gate
 multiplies its ``head_dim`` input columns of o_proj (a forward pre-hook); a neuron's gate multiplies
-its outputs of gate_proj and of up_proj (forward hooks: act(z g) * (z u), as the reference). The gates
+its outputs of gate_proj and of up_proj (forward hooks: act(z g) * (z u), as the reference; a fused
+gate_up_proj's both halves; a plain MLP's up projection: act(z u)). Names are Llama's; every family
+finds its own Linears through :mod:`sppx.anatomy` (LoRA targets too: q_proj is Phi-3's qkv_proj). The gates
 start open (head ``log_alpha`` 10, neuron drop rate 0.01: ``log_alpha`` 4.6) and ``log_alpha`` is
 clamped to [log 1e-2, log 1e2] after every optimizer step. The base weights are frozen; LoRA (rank 8,
 alpha 8 on q_proj and v_proj) trains with the gates, its lr decaying linearly to 0 and its gradient
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sppx.anatomy import PROJECTIONS, Dims, decoder_layers
+from sppx.anatomy import PROJECTIONS, Dims, decoder_layers, family_of
 from sppx.errors import RunError, is_int, is_number, require, require_fraction, require_positive_int
 from sppx.evaluate import next_token_nll
 from sppx.pruning.structured.base import StructuredContext, StructuredPruner
@@ -100,8 +102,9 @@ class GateHook:
     forward hook) by one layer's gates, each repeated ``width`` times (``head_dim`` columns per head);
     it does nothing while the gates are off."""
 
-    def __init__(self, gates: UnitGates, kind: str, layer: int, width: int):
+    def __init__(self, gates: UnitGates, kind: str, layer: int, width: int, rows=None):
         self.gates, self.kind, self.layer, self.width = gates, kind, layer, width
+        self.rows = rows  # a fused Linear's: one layer's gates -> one per output row
 
     def gated(self, x: torch.Tensor) -> torch.Tensor | None:
         current = self.gates.current
@@ -110,6 +113,8 @@ class GateHook:
         z = current[self.kind][self.layer]
         if self.width > 1:
             z = z.repeat_interleave(self.width)
+        if self.rows is not None:
+            z = self.rows(z)
         return x * z.to(x.dtype)
 
     def before(self, module: nn.Module, args: tuple):
@@ -152,15 +157,24 @@ class UnitGates(nn.Module):
         self._handles: list = []
 
     def attach(self, model: nn.Module) -> None:
-        """Hook the gates into o_proj's inputs (heads) and gate_proj's and up_proj's outputs (neurons)."""
+        """Hook the gates into the attention output's inputs (heads: o_proj) and the MLP input's outputs
+        (neurons: gate_proj and up_proj, each part of a fused input, a plain MLP's up projection)."""
+        family = family_of(model)
         for i, layer in enumerate(decoder_layers(model)):
             if "heads" in self.kinds:
                 hook = GateHook(self, "heads", i, self.d.head_dim)
-                self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook.before))
+                out = layer.get_submodule(family.attention_out)
+                self._handles.append(out.register_forward_pre_hook(hook.before))
             if "neurons" in self.kinds:
-                hook = GateHook(self, "neurons", i, 1)
-                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                    self._handles.append(linear.register_forward_hook(hook.after))
+                for name in family.mlp_in:
+                    hook = GateHook(self, "neurons", i, 1, self.part_rows(family, name))
+                    self._handles.append(layer.get_submodule(name).register_forward_hook(hook.after))
+
+    def part_rows(self, family, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One layer's neuron gates -> one per output row of MLP input ``name`` (once per part it packs:
+        gate and up of a fused gate_up_proj)."""
+        parts = family.mlp_parts if name in family.fused else 1
+        return lambda z: family.fuse_rows(name, [z] * parts, self.d.head_dim)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -222,16 +236,19 @@ class UnitGates(nn.Module):
     @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
         """Scale every unit by its soft deterministic value sigmoid(0.8 log_alpha / beta), as the
-        reference's export does: a head's o_proj columns, a neuron's gate_proj and up_proj rows (and
-        biases). Exactly what the hooks would do with those values; the pruned units are cut later."""
+        reference's export does: a head's attention output columns, a neuron's MLP input rows (gate and
+        up, or a plain MLP's one) and their biases. Exactly what the hooks would do with those values;
+        the pruned units are cut later."""
+        family = family_of(model)
         for i, layer in enumerate(decoder_layers(model)):
             if "heads" in self.kinds:
-                o_proj = layer.self_attn.o_proj
+                out = layer.get_submodule(family.attention_out)
                 scale = soft_gate(self.kinds["heads"].log_alpha[i]).repeat_interleave(self.d.head_dim)
-                o_proj.weight.mul_(scale.to(o_proj.weight)[None, :])
+                out.weight.mul_(scale.to(out.weight)[None, :])
             if "neurons" in self.kinds:
-                scale = soft_gate(self.kinds["neurons"].log_alpha[i])
-                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                gates = soft_gate(self.kinds["neurons"].log_alpha[i])
+                for name in family.mlp_in:
+                    linear, scale = layer.get_submodule(name), self.part_rows(family, name)(gates)
                     linear.weight.mul_(scale.to(linear.weight)[:, None])
                     if linear.bias is not None:
                         linear.bias.mul_(scale.to(linear.bias))
@@ -450,8 +467,11 @@ class MaskLearner(pl.LightningModule):
         )
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
-        self.lora = lora_factory(
-            r=pruner.lora_r, alpha=pruner.lora_alpha, dropout=0.0, targets=list(pruner.lora_targets)
+        self.lora = lora_factory(  # Llama's names stand for the family's (Phi-3: q_proj is qkv_proj)
+            r=pruner.lora_r,
+            alpha=pruner.lora_alpha,
+            dropout=0.0,
+            targets=family_of(model).own_names(list(pruner.lora_targets)),
         )
         self.generator: torch.Generator | None = None
         self._requires_grad: dict[str, bool] = {}

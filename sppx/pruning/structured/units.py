@@ -420,13 +420,9 @@ def shrink_model(model: nn.Module, s: Structure) -> None:
     if len(layers) != d.layers:
         raise ValueError(f"the structure is for {d.layers} layers, the model has {len(layers)}")
     kept_layers = s.layers_kept
-    if "heads" in family.units:  # (the others remove whole layers only: Prune.check refuses the rest)
-        for i, (heads, kv, neurons) in zip(kept_layers, widths, strict=True):
-            shrink_layer(layers[i], family, s, i, heads // kv, neurons)
-    elif s.heads or s.kv_heads or s.neurons:
-        raise ValueError(
-            f"heads and neurons cannot be removed from {family.name} models: {family.units_note}"
-        )
+    check_removable(family, s)
+    for i, (heads, kv, neurons) in zip(kept_layers, widths, strict=True):
+        shrink_layer(layers[i], family, s, i, (heads // kv, kv), neurons)
     kept = nn.ModuleList([layers[i] for i in kept_layers])
     replace_module(model, layers_prefix(model), kept)
     renumber_layers(kept)
@@ -434,23 +430,63 @@ def shrink_model(model: nn.Module, s: Structure) -> None:
     complete_biases(model)
 
 
-def shrink_layer(layer: nn.Module, family: Family, s: Structure, i: int, groups: int, neurons: int) -> None:
-    """Cut layer ``i``'s projections to the heads and neurons ``s`` keeps (``groups``: query heads per
-    kept K/V head; ``neurons``: the kept count)."""
+def check_removable(family: Family, s: Structure) -> None:
+    """ValueError when ``s`` removes units ``family`` cannot lose, or gives its layers widths of their
+    own where sppx cannot rebuild them (the plan refuses both first: Family.check_structured)."""
     d = s.dims
-    q, k, v = (layer.get_submodule(name) for name in family.attention_in)
+    kept = s.layers_kept
+    if "heads" not in family.units and any(
+        len(s.heads_of(i)) < d.heads or len(s.kv_heads_of(i)) < d.kv_heads for i in kept
+    ):
+        raise ValueError(f"heads cannot be removed from {family.name} models: {family.units_note}")
+    if "neurons" not in family.units and any(len(s.neurons_of(i)) < d.intermediate for i in kept):
+        raise ValueError(f"neurons cannot be removed from {family.name} models: {family.units_note}")
+    if not family.per_layer_widths and s.uniform_widths() is None:
+        raise ValueError(f"{family.name} layers must keep the same widths: {sorted(set(s.layer_widths()))}")
+
+
+def kept_rows(family: Family, layer: nn.Module, names: tuple[str, ...], d: Dims, keep) -> dict:
+    """The rows each Linear of ``names`` keeps, in its own order, from ``keep``: per part of their
+    rows in role order (q, k, v; gate, up), the indices kept within that part."""
+    keep = iter(keep)
+    rows = {}
+    for name in names:
+        positions = torch.arange(layer.get_submodule(name).out_features)
+        parts = family.split_rows(name, positions, d)
+        rows[name] = family.fuse_rows(name, [part[next(keep)] for part in parts], d.head_dim)
+    return rows
+
+
+def set_if_present(module: nn.Module, **values) -> None:
+    """Set the attributes ``module`` has (the forward of some families reads them)."""
+    for key, value in values.items():
+        if hasattr(module, key):
+            setattr(module, key, value)
+
+
+def shrink_layer(
+    layer: nn.Module, family: Family, s: Structure, i: int, groups: tuple[int, int], neurons: int
+) -> None:
+    """Cut layer ``i``'s projections to the heads and neurons ``s`` keeps (``groups``: query heads per
+    kept K/V head and the kept K/V heads; ``neurons``: the kept count). Fused inputs lose each part's
+    rows and are put back together in their own layout; the biases of removed rows go."""
+    d = s.dims
     q_rows = head_columns(s.heads_of(i), d.head_dim)
     kv_rows = head_columns(s.kv_heads_of(i), d.head_dim)
-    _slice(q, rows=q_rows)
-    _slice(k, rows=kv_rows)
-    _slice(v, rows=kv_rows)
-    _slice(layer.get_submodule(family.attention_out), cols=q_rows)
-    layer.get_submodule(family.attention_out.rpartition(".")[0]).num_key_value_groups = groups
+    if len(q_rows) < d.heads * d.head_dim or len(kv_rows) < d.kv_heads * d.head_dim:
+        for name, rows in kept_rows(
+            family, layer, family.attention_in, d, (q_rows, kv_rows, kv_rows)
+        ).items():
+            _slice(layer.get_submodule(name), rows=rows)
+        _slice(layer.get_submodule(family.attention_out), cols=q_rows)
+        attention = layer.get_submodule(family.attention_out.rpartition(".")[0])
+        set_if_present(attention, num_key_value_groups=groups[0], num_key_value_heads=groups[1])
     idx = torch.tensor(s.neurons_of(i), dtype=torch.long)
-    for name in family.mlp_in:
-        _slice(layer.get_submodule(name), rows=idx)
-    _slice(layer.get_submodule(family.mlp_out), cols=idx)
-    layer.get_submodule(family.mlp_out.rpartition(".")[0]).intermediate_size = neurons
+    if len(idx) < d.intermediate:
+        for name, rows in kept_rows(family, layer, family.mlp_in, d, [idx] * family.mlp_parts).items():
+            _slice(layer.get_submodule(name), rows=rows)
+        _slice(layer.get_submodule(family.mlp_out), cols=idx)
+        set_if_present(layer.get_submodule(family.mlp_out.rpartition(".")[0]), intermediate_size=neurons)
 
 
 def write_widths(config, s: Structure, widths: list[tuple[int, int, int]]) -> None:
@@ -460,7 +496,7 @@ def write_widths(config, s: Structure, widths: list[tuple[int, int, int]]) -> No
     if layer_types:
         config.layer_types = [layer_types[i] for i in kept_layers]
     config.num_hidden_layers = len(kept_layers)
-    if "heads" in family.units or hasattr(config, "head_dim"):
+    if "heads" in family.units or hasattr(config, "head_dim"):  # Phi-3 derives it from hidden / heads
         config.head_dim = d.head_dim
     uniform = s.uniform_widths()
     heads, kv, neurons = uniform or (d.heads, d.kv_heads, d.intermediate)
