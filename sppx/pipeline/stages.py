@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from sppx.anatomy import Dims, family_of, prunable_linears
 from sppx.card import model_card
 from sppx.data import TokenizedCorpus, calibration_windows, consecutive_windows, windows_digest
-from sppx.errors import RunError, first_line, require
+from sppx.errors import ConfigError, RunError, first_line, require
 from sppx.evaluate import perplexity
 from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
 from sppx.masking import DenseKeeper, StudentMasks
@@ -178,10 +178,12 @@ class Prune(Stage):
         warn_ignored_sparsity(p)
         if p.structured:
             p.pruner.check_pattern(p.pattern, p.sparsity)
+            dims = Dims.of(p.model_config)
+            varying = getattr(p.pruner, "varying_widths", None)
             family_of(p.model_config).check_structured(
-                p.pruner.units, getattr(p.pruner, "adds_biases", False)
+                p.pruner.units, getattr(p.pruner, "adds_biases", False), varying(dims) if varying else None
             )
-            p.pruner.check(Dims.of(p.model_config), p.sparsity)
+            p.pruner.check(dims, p.sparsity)
             if p.pruner.uses_teacher:
                 p.corpus.check_tuning()
         else:
@@ -491,6 +493,10 @@ class Export(Stage):
     def enabled(self, p: Plan) -> bool:
         return p.export
 
+    def check(self, p: Plan) -> None:
+        if p.structured:
+            check_kept_heads(p)
+
     def run(self, state: RunState) -> None:
         p, results = state.plan, state.results
 
@@ -504,3 +510,28 @@ class Export(Stage):
             )
         results["model_dir"] = str(model_dir)
         log.info("export: %s", model_dir)
+
+
+def check_kept_heads(p: Plan) -> None:
+    """Some config classes need hidden_size to be a multiple of the head count (Llama and Gemma in
+    transformers 5, even with head_dim set): a structured model keeping another number of heads could
+    not be saved. Refuse it in the plan, not after the pruning."""
+    dims = Dims.of(p.model_config)
+    budget = p.pruner.budget(dims, p.sparsity)
+    if "heads" not in p.pruner.units or budget.heads == 0:
+        return
+    kept = dims.heads - budget.heads
+    values = {**p.model_config.to_dict(), "num_attention_heads": kept, "head_dim": dims.head_dim}
+    if budget.head_mode == "group" and family_of(p.model_config).kv_heads_key:
+        values[family_of(p.model_config).kv_heads_key] = dims.kv_heads - budget.heads // dims.group_size
+    try:
+        type(p.model_config)(**values)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            "sparsity",
+            p.sparsity,
+            f"keeps {kept} of {dims.heads} query heads per layer, which {type(p.model_config).__name__} "
+            f"cannot describe ({reason}); choose a sparsity that keeps a divisor of hidden_size "
+            f"{dims.hidden} heads, set pruner.units without heads, or export=false",
+        ) from None

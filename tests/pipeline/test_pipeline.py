@@ -334,3 +334,35 @@ def test_a_batch_job_logs_every_stage_and_the_summary_without_carriage_returns(t
         assert line in text, line
     for line in ("ppl (final): ", "ppl (validation): ", "export: done in", "summary:", "results: "):
         assert line in text, line
+
+
+def test_a_head_count_the_config_cannot_describe_fails_in_the_plan_when_exporting():
+    """LlamaConfig (transformers 5) needs hidden_size to be a multiple of the head count: 3 of 4 heads
+    at hidden 32 could not be saved, so the plan refuses it; 2 of 4 pass."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from sppx.anatomy import Dims
+    from sppx.errors import ConfigError
+    from sppx.pipeline.stages import check_kept_heads
+    from sppx.pruning.structured import MagnitudeStructuredPruner
+
+    config = LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=2,
+    )
+    pruner = MagnitudeStructuredPruner(units=["heads"], head_mode="group", neuron_multiple=1)
+    for sparsity, kept in ((0.25, 3), (0.5, 2)):
+        assert pruner.budget(Dims.of(config), sparsity).heads == 4 - kept
+        p = SimpleNamespace(model_config=config, pruner=pruner, sparsity=sparsity)
+        if kept == 3:
+            with pytest.raises(
+                ConfigError, match=r"sparsity=0.25: keeps 3 of 4 query heads per layer, which LlamaConfig"
+            ):
+                check_kept_heads(p)
+        else:
+            check_kept_heads(p)
