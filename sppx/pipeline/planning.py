@@ -50,15 +50,9 @@ TOP_LEVEL_KEYS = (
     "tags",
     "optimized_metric",
 )
-# What a search may minimise or maximise (optimized_metric): the final metrics every logger gets.
-OPTIMIZED_METRICS = (
-    "val/ppl_final",
-    "test/ppl",
-    "test/ppl_pruned",
-    "prune/sparsity",
-    "model/params_nonzero",
-    "test/acc_mean",
-)
+# What a search may optimise (optimized_metric): final metrics of the validation part or of the model,
+# never of the evaluation part (settings are chosen on validation data).
+OPTIMIZED_METRICS = ("val/ppl_final", "prune/sparsity", "model/params_nonzero")
 
 
 @dataclass

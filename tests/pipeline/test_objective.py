@@ -23,18 +23,21 @@ def record(metric: str | None) -> dict:
 
 @pytest.mark.parametrize(
     "metric, value",
-    [(None, 30.0), ("val/ppl_final", 30.0), ("test/ppl", 40.0), ("prune/sparsity", 0.5)],
+    [(None, 30.0), ("val/ppl_final", 30.0), ("prune/sparsity", 0.5), ("model/params_nonzero", 10.0)],
 )
 def test_the_objective_is_the_metric_the_config_names(metric, value):
     assert objective(record(metric)) == value
 
 
-def test_a_missing_metric_is_nan_for_the_sweeper():
-    assert math.isnan(objective(record("test/acc_mean")))
+def test_a_metric_the_run_did_not_measure_is_nan_for_the_sweeper():
+    results = record(None)
+    results["ppl"]["validation"] = None
+    assert math.isnan(objective(results))
 
 
-def test_an_unknown_metric_fails_in_the_plan(tmp_path, text_file):
-    cfg = compose_config([*tiny_run_overrides(text_file), "optimized_metric=val/loss"], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"optimized_metric='val/loss': allowed: val/ppl_final, test/ppl"):
+@pytest.mark.parametrize("metric", ["val/loss", "test/ppl"])
+def test_an_unknown_or_evaluation_part_metric_fails_in_the_plan(tmp_path, text_file, metric):
+    cfg = compose_config([*tiny_run_overrides(text_file), f"optimized_metric={metric}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"optimized_metric='.*': allowed: val/ppl_final, prune/sparsity"):
         plan(cfg)
     assert not (tmp_path / "run").exists()
