@@ -27,8 +27,9 @@ class RunError(RuntimeError):
     ``str(err)`` is one line saying what happened and what is left on disk."""
 
 
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's first line (its type name when it has no message), at most ``limit`` characters."""
+def first_line(err: BaseException, limit: int | None = 300) -> str:
+    """An exception's first line (its type name when it has no message), at most ``limit`` characters
+    (None: the whole line)."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
 

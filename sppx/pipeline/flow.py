@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from sppx.errors import ConfigError
 from sppx.interrupts import SignalGuard
 from sppx.pipeline.planning import Plan, build_plan, check_teacher, check_top_level, command_line
-from sppx.pipeline.report import Report, finish, record_failure
+from sppx.pipeline.report import Report, final_metrics, finish, record_failure
 from sppx.pipeline.resume import resume_checkpoint
 from sppx.pipeline.stages import Export, Load, Measure, Merge, Prune, Speed, Tune
 from sppx.pipeline.state import RunState
@@ -108,8 +108,6 @@ def run(
 def objective(results: dict) -> float:
     """What a hyper-parameter search optimises: the final metric ``optimized_metric`` names (default
     ``val/ppl_final``, the final model's perplexity on the validation part)."""
-    from sppx.pipeline.report import final_metrics
-
     name = (results.get("config") or {}).get("optimized_metric") or "val/ppl_final"
     value = final_metrics(results).get(name)
     return float("nan") if value is None else float(value)

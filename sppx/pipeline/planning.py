@@ -17,12 +17,15 @@ import warnings
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from transformers import AutoModelForCausalLM
 
 from sppx.adapters.base import Adapter
+from sppx.anatomy import family_of, prunable_linears
 from sppx.checks import check_paths, check_trainer
 from sppx.contracts import ModelSource, Teacher
 from sppx.data import Corpus
@@ -274,8 +277,6 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
 def use_family_targets(p: Plan) -> None:
     """The model's family must be described in sppx.anatomy (else one ConfigError line); the Llama
     default target list (PROJECTIONS) of the pruner and of the adapter becomes that family's own."""
-    from sppx.anatomy import family_of
-
     family = family_of(p.model_config)
     for part in (p.pruner, p.adapter):
         part.targets = family.resolve_targets(part.targets)
@@ -333,11 +334,6 @@ def check_nesting(p: Plan) -> None:
 
 def linear_shapes(model_config, targets: list[str]) -> dict[str, tuple[int, int]]:
     """``{name: (out, in)}`` of the targeted Linears, from a weightless (meta-device) model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sppx.anatomy import prunable_linears
-
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     return {name: tuple(lin.weight.shape) for name, lin in prunable_linears(skeleton, targets).items()}

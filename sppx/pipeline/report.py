@@ -29,10 +29,6 @@ log = logging.getLogger("sppx.pipeline")
 TIMED = ("load", "prune", "tune", "merge", "eval", "zero-shot", "speed", "export", "total")
 
 
-def one_line(err: BaseException) -> str:
-    return first_line(err, 10_000)
-
-
 class Report(Stage):
     """Measure the final sparsity and put every stage's sections together as results.json's record."""
 
@@ -223,7 +219,7 @@ def record_failure(
             Path(output_dir) / RESULTS_FILE,
             {
                 "status": "interrupted" if interrupted else "failed",
-                "error": one_line(err),
+                "error": first_line(err, None),
                 "error_type": type(err).__name__,
                 "stage": stage,
                 "interrupted": interruption(err, output_dir, command) if interrupted else None,

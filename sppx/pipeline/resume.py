@@ -80,7 +80,7 @@ def resume_checkpoint(p: Plan) -> tuple[Path | None, int]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(
-            "resume", str(path), f"could not read the checkpoint: {first_line(err, 10_000)}"
+            "resume", str(path), f"could not read the checkpoint: {first_line(err, None)}"
         ) from None
     saved = (state.get("sppx") or {}).get("settings")
     current = run_settings(p.cfg)

@@ -5,16 +5,21 @@ them in order."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
+from sppx.adapters.lora import LoRAAdapter
 from sppx.anatomy import Dims, family_of, prunable_linears
 from sppx.card import model_card
 from sppx.data import TokenizedCorpus, calibration_windows, consecutive_windows, windows_digest
-from sppx.errors import ConfigError, RunError, first_line, require
+from sppx.errors import ConfigError, RunError, first_line, is_int, require
 from sppx.evaluate import perplexity
 from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
 from sppx.masking import DenseKeeper, StudentMasks
@@ -74,7 +79,7 @@ class Load(Stage):
                 state.model, state.tokenizer = p.model.load()
             except Exception as err:  # damaged weights (truncated, bad header), a broken tokenizer file...
                 raise RunError(
-                    f"the model {p.model.name} could not be loaded: {first_line(err, 10_000)}"
+                    f"the model {p.model.name} could not be loaded: {first_line(err, None)}"
                 ) from None
             state.tokens = TokenizedCorpus.build(p.corpus, state.tokenizer, p.cache_dir)
         sizes = state.tokens.sizes()
@@ -93,10 +98,6 @@ class Load(Stage):
 
 def logger_context(p: Plan) -> dict:
     """What the run tells a logger that asks for it (W&B: its job_type, group and tags)."""
-    import inspect
-
-    from hydra.utils import get_object
-
     accepted = inspect.signature(get_object(p.cfg.logger._target_)).parameters
     context = {
         "stage": stage_of(p.prunes, p.tunes),
@@ -277,8 +278,6 @@ def prune_one_shot(state: RunState, calib, phases: Stopwatch, keeper, info: dict
 def prune_structured(state: RunState, calib, phases: Stopwatch, keeper, info: dict) -> None:
     """Choose the units (the pruner may rewrite kept weights), then remove them physically. Recovery
     then tunes on text alone: a pruner that learns its masks used the teacher itself."""
-    from sppx.adapters.lora import LoRAAdapter
-
     p, model = state.plan, state.model
     budget = p.pruner.budget(Dims.of(model.config), p.sparsity)
     ctx = StructuredContext(
@@ -377,8 +376,6 @@ class Tune(Stage):
 
 def check_devices(p: Plan) -> None:
     """With several processes (DDP), every process takes an equal slice of each global batch."""
-    from sppx.errors import is_int
-
     devices = p.cfg.trainer.get("devices", 1)
     if not (is_int(devices) and devices > 1):
         return
@@ -388,9 +385,6 @@ def check_devices(p: Plan) -> None:
         p.corpus.batch_size,
         f"is the global batch: it must divide among trainer.devices={devices} processes",
     )
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     require(
         not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN),
         "trainer.devices",
@@ -479,7 +473,7 @@ def semi_structured_copy(p: Plan, model):
     try:
         return semi_structured_model(model, p.pruner.targets)
     except (RuntimeError, ValueError) as err:  # no kernel for this GPU or shape: report, keep going
-        log.warning("2:4 sparse kernels not timed: %s", first_line(err, 10_000))
+        log.warning("2:4 sparse kernels not timed: %s", first_line(err, None))
         return None
 
 
