@@ -11,12 +11,19 @@ PYTEST_ARGS ?=
 # carriers: installed without their dependencies, never imported.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: help install run test test-fast lint format clean distclean
+# The peer tool of scripts/bench_peer.py (llm-compressor) pins other versions than ours: its own venv.
+PEER_VENV  := .venv-peer
+PEER_PY    := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+PEER_PINS  := $(TORCH_PIN) llmcompressor==0.14.0.1
+
+.PHONY: help install run test test-fast lint format bench-peer clean distclean
 
 help:
 	@echo "make run [ARGS='pruner=magnitude sparsity=0.6']  prune -> tune -> merge -> eval -> export"
 	@echo "make test [PYTEST_ARGS=-k spp]                     the test suite (tiny random models, CPU)"
 	@echo "make test-fast                                     the suite without the slow (full-pipeline) tests"
+	@echo "make bench-peer [ARGS='--methods wanda']           sppx vs llm-compressor (own venv .venv-peer, made once)"
 	@echo "make install | lint | format | clean | distclean"
 
 $(PY):
@@ -31,8 +38,19 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+$(PEER_PY):
+	$(PYTHON) -m venv $(PEER_VENV)
+
+# Installs once (or again when the stamp is removed).
+$(PEER_STAMP): | $(PEER_PY)
+	$(PEER_VENV)/bin/pip install --disable-pip-version-check $(PEER_PINS)
+	touch $(PEER_STAMP)
+
 run: $(STAMP)
 	$(PY) run.py $(ARGS)
+
+bench-peer: $(STAMP) $(PEER_STAMP)
+	$(PY) scripts/bench_peer.py --peer-python $(PEER_PY) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
