@@ -54,10 +54,17 @@ def hydra_arguments(argv: list[str]):
     return None if args.shell_completion else args  # its overrides are Hydra's (install=bash)
 
 
-def accept_tags(argv: list[str]) -> list[str]:
+def accept_shorthands(argv: list[str]) -> list[str]:
     """``+tags=[a,b]`` sets the run's free-form tags like ``tags=[a,b]`` (conf/config.yaml has the key,
-    where Hydra would refuse to add it again)."""
-    return [re.sub(r"^\+tags=", "tags=", arg) for arg in argv]
+    where Hydra would refuse to add it again); ``export=true|false`` (and sweeps of them) is
+    ``export.enabled=...`` (``export`` is a section, which Hydra would not let a bool replace)."""
+    argv = [re.sub(r"^\+tags=", "tags=", arg) for arg in argv]
+    return [
+        re.sub(r"^export=", "export.enabled=", arg)
+        if re.fullmatch(r"export=(?i:true|false)(,(?i:true|false))*", arg)
+        else arg
+        for arg in argv
+    ]
 
 
 @contextlib.contextmanager
@@ -253,6 +260,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = accept_tags(sys.argv[1:])
+    sys.argv[1:] = accept_shorthands(sys.argv[1:])
     check_command_line(sys.argv[1:])
     main()

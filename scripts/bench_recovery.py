@@ -131,7 +131,7 @@ def run_job(name: str, overrides: list[str], args, console: Console) -> dict | N
         *overrides,
         f"eval.max_windows={args.eval_windows}",
         f"data.val_windows={args.val_windows}",
-        "export=false",
+        "export.enabled=false",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
         *args.extra,

@@ -217,7 +217,7 @@ def launch(name: str, overrides: list[str], args, console: Console) -> tuple[dic
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.steps}",
         f"eval.max_windows={args.eval_windows}",
-        "export=true",
+        "export.enabled=true",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
         f"paths.output_dir={run_dir}",

@@ -30,8 +30,22 @@ def _num(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def loading_lines(structured: dict | None) -> list[str]:
-    """How to load the export: plain transformers, or sppx's loader for per-layer widths."""
+def loading_lines(structured: dict | None, export: dict | None = None) -> list[str]:
+    """How to load the export: plain transformers, or sppx's loader for per-layer widths and for
+    compressed weights."""
+    if (export or {}).get("format") == "compressed":
+        return [
+            "Made with sppx: prune -> recover -> merge -> evaluate -> export. Its pruned matrices are stored",
+            "compactly (only the kept weights plus a bitmask, in `model.sparse.safetensors`; the layout and the",
+            "`sppx_compression` section of config.json are compressed-tensors' sparse-bitmask formats, which",
+            "compressed-tensors 0.15+ no longer reads), so it loads with sppx's loader, which restores the dense",
+            "matrices (plain `from_pretrained` finds no `model.safetensors` and refuses it):",
+            "",
+            "```python",
+            "from sppx.models import load_pretrained",
+            'model = load_pretrained("<this folder>")',
+            "```",
+        ]
     if structured is not None and structured.get("uniform") is False:
         return [
             "Made with sppx: prune -> recover -> merge -> evaluate -> export. Its decoder layers keep",
@@ -117,7 +131,7 @@ def method_lines(results: dict) -> list[str]:
         "",
         f"# {title}",
         "",
-        *loading_lines(structured),
+        *loading_lines(structured, results.get("export")),
         "",
         f"sppx {made.get('version', '?')}" + (f", commit {made['commit']}" if made.get("commit") else ""),
         "",
@@ -129,6 +143,8 @@ def method_lines(results: dict) -> list[str]:
         f"- Recovery: {ADAPTERS.get(ch['adapter'], ch['adapter'])}; teacher: {ch['teacher']}",
         f"- Data: {ch['data']}",
     ]
+    if results.get("export"):
+        lines.append(f"- Saved as: {results['export']['format']}, {results['export']['dtype']} weights")
     if structured and structured.get("uniform", True):
         lines.append(
             f"- Structure kept: {structured['layers']} layers, {structured['heads_per_layer']} query heads "

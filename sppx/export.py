@@ -1,19 +1,50 @@
-"""Merge verification, sparsity accounting and the safetensors export."""
+"""Merge verification, sparsity accounting and the export (safetensors, dense or compressed)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from sppx import sparse_format
 from sppx.anatomy import layers_prefix, prunable_linears
-from sppx.errors import RunError
+from sppx.errors import RunError, require
 from sppx.files import make_temp_folder
+from sppx.models import DTYPES
+
+FORMATS = ("safetensors", "compressed")
+
+
+@dataclass
+class ExportConfig:
+    """The ``export`` section: whether the merged model is written to ``<run dir>/model``, in which form
+    (``safetensors``: dense tensors, zeros included, loads with plain transformers; ``compressed``: only
+    the kept weights plus a bitmask, see ``sppx.sparse_format``) and which floating-point type."""
+
+    enabled: bool = True
+    format: str = "safetensors"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        require(isinstance(self.enabled, bool), "export.enabled", self.enabled, "must be true or false")
+        require(self.format in FORMATS, "export.format", self.format, f"allowed: {', '.join(FORMATS)}")
+        require(self.dtype in DTYPES, "export.dtype", self.dtype, f"allowed: {', '.join(DTYPES)}")
+
+
+@dataclass
+class Compression:
+    """How a compressed export stores the pruned Linears: ``names`` (module names), the format
+    (``sparse_format.BITMASK`` or ``BITMASK_24``) and the sparsity config written to config.json."""
+
+    names: list[str]
+    format: str
+    config: dict
 
 
 class SparsityViolation(RunError, AssertionError):
@@ -43,14 +74,10 @@ def verify_model_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
 
 
 def verify_saved_zeros(directory: Path, masks: dict[str, torch.Tensor]) -> int:
-    """Re-check the sparsity invariant on the exported safetensors files themselves."""
-    wanted = {f"{name}.weight": name for name in masks}
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key in wanted:
-                    weights[wanted[key]] = fh.get_tensor(key)
+    """Re-check the sparsity invariant on the exported files themselves (compressed weights are
+    decompressed from their values and bitmask first)."""
+    saved = sparse_format.read_folder(directory, {f"{name}.weight" for name in masks})
+    weights = {name: saved[f"{name}.weight"] for name in masks if f"{name}.weight" in saved}
     return verify_zeros(weights, masks, f"saved files in {directory}")
 
 
@@ -123,26 +150,68 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "nonzero": nonzero, "trainable": trainable}
 
 
+def compression_of(masks: dict[str, torch.Tensor], pattern, sparsity: float) -> Compression:
+    """The compressed form of a run's pruned Linears (``masks``' names) for its sparsity ``pattern``."""
+    fmt = sparse_format.format_for(pattern)
+    structure = f"{pattern.m - pattern.n}:{pattern.m}" if pattern.is_nm else "unstructured"
+    names = sorted(masks)
+    return Compression(names, fmt, sparse_format.sparsity_config(fmt, structure, sparsity, names))
+
+
+def export_sizes(model: nn.Module, directory: Path) -> dict[str, float]:
+    """Bytes of the exported weight files, what the same parameters take as dense float32 (tied
+    tensors once, file headers not counted) and their ratio."""
+    dense = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    written = sparse_format.folder_bytes(directory)
+    return {"bytes": written, "dense_float32_bytes": dense, "ratio_to_dense_float32": written / dense}
+
+
+def save_weights(model, directory: Path, dtype: str) -> None:
+    """``save_pretrained`` (safetensors) with the weights cast to ``dtype`` and config.json saying so;
+    the model in memory is not changed."""
+    target = DTYPES[dtype]
+    state = None
+    if any(t.dtype != target for t in model.state_dict().values() if t.is_floating_point()):
+        cast: dict[int, torch.Tensor] = {}  # one copy per storage, so tied weights stay tied (saved once)
+        state = {
+            k: cast.setdefault(v.data_ptr(), v.to(target)) if v.is_floating_point() else v
+            for k, v in model.state_dict().items()
+        }
+    use_cache = model.config.use_cache
+    try:
+        # The loaded model's own setting: whoever generates with the export gets the KV cache.
+        model.config.use_cache = getattr(model, "sppx_use_cache", True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+    finally:
+        model.config.use_cache = use_cache
+    # save_pretrained writes the dtype of the model in memory, not of the tensors it was given.
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_model(
     model,
     tokenizer,
     directory: Path,
     card: str | None = None,
     verify: Callable[[Path], object] | None = None,
+    dtype: str = "float32",
+    compression: Compression | None = None,
 ) -> Path:
-    """``save_pretrained`` (safetensors only) + tokenizer (+ ``card`` as README.md) into ``directory``.
+    """``save_pretrained`` (safetensors only, weights in ``dtype``; with ``compression`` the pruned
+    Linears rewritten in their compressed form) + tokenizer (+ ``card`` as README.md) into ``directory``.
 
     Everything is written under a temporary name, ``verify(tmp)`` (e.g. the zero check on the saved
     files) runs on it, and only then is it renamed: an interrupted or failed export never leaves a
     complete-looking folder."""
     directory = Path(directory)
     tmp = make_temp_folder(directory)
-    use_cache = model.config.use_cache
     try:
-        # The loaded model's own setting: whoever generates with the export gets the KV cache.
-        model.config.use_cache = getattr(model, "sppx_use_cache", True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        model.config.use_cache = use_cache
+        save_weights(model, tmp, dtype)
+        if compression is not None:
+            sparse_format.compress_folder(tmp, compression.names, compression.format, compression.config)
         tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -155,6 +224,5 @@ def save_model(
             shutil.rmtree(directory)
         tmp.rename(directory)
     finally:
-        model.config.use_cache = use_cache
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file as load_safetensors
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,6 +31,7 @@ from transformers import (
 from sppx.anatomy import LAYER_WIDTHS_KEY, WIDTH_KEYS, decoder_layers
 from sppx.errors import ConfigError, first_line, is_int, require
 from sppx.files import make_temp_folder, manifest_matches, write_manifest
+from sppx.sparse_format import read_folder, saved_format
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def load_pretrained(path, dtype: str = "float32", **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` then :func:`_finish` (eval mode, weights in memory).
 
     A local folder whose ``config.json`` lists per-layer widths (``sppx_layer_widths``, written by a
-    structured export with non-uniform layers) is built by :func:`load_layer_widths_model` instead."""
-    if saved_layer_widths(path):
+    structured export with non-uniform layers) or whose weights are compressed (``sppx_compression``,
+    an ``export.format=compressed`` export) is built by :func:`load_layer_widths_model` instead."""
+    if saved_layer_widths(path) or saved_format(path):
         return _finish(load_layer_widths_model(path, dtype))
     return _finish(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs))
 
@@ -138,27 +139,20 @@ def set_layer_widths(model: PreTrainedModel, widths: list[dict]) -> None:
         mlp.intermediate_size = neurons
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a saved model folder (one file, or the shards its index names)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [path / name for name in shards]
-    return sorted(path.glob("*.safetensors"))
-
-
 def load_layer_widths_model(path, dtype: str = "float32") -> PreTrainedModel:
-    """Load a structured export with per-layer widths: the model built from its config (no code from
-    the folder is run), each layer re-shaped to its recorded widths, then every tensor of the
-    safetensors files loaded into it. A tensor the files lack must be tied to one they hold."""
+    """Load a structured export with per-layer widths or a compressed export: the model built from its
+    config (no code from the folder is run), each layer re-shaped to its recorded widths (if any), then
+    every tensor of the safetensors files loaded into it (compressed weights decompressed). A tensor the
+    files lack must be tied to one they hold."""
     path = Path(str(path))
     config = AutoConfig.from_pretrained(path)
     widths = layer_widths(config)
     model = AutoModelForCausalLM.from_config(config).to(torch_dtype(dtype))
-    set_layer_widths(model, widths)
-    state: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(path):
-        state.update(load_safetensors(str(file)))
+    if widths:
+        set_layer_widths(model, widths)
+    state = {
+        k: v.to(torch_dtype(dtype)) if v.is_floating_point() else v for k, v in read_folder(path).items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}

@@ -102,7 +102,7 @@ def sweep_args(tmp_path: Path, text_file: Path, name: str = "sweep") -> list[str
     return [
         "-m",
         *tiny_run_overrides(text_file, **{"trainer.max_steps": 2}),
-        "export=false",
+        "export.enabled=false",
         f"hydra.sweep.dir={tmp_path / name}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]

@@ -99,7 +99,7 @@ FLOAT_KEYS = [
 ]
 BAD_FLOATS = ["nan", "inf", "-inf", "abc", "true", "''", "[0.1]"]
 BOOL_KEYS = [
-    "export",
+    "export.enabled",
     "overwrite",
     "eval.dense",
     "eval.pruned",

@@ -42,7 +42,12 @@ def test_compare_speeds_times_every_model_each_round_in_rotating_order(tiny, mon
 def test_eval_speed_reports_the_final_model_against_a_fresh_dense_copy(tmp_path, text_file):
     overrides = tiny_run_overrides(
         text_file,
-        **{"eval.speed": "true", "eval.speed_repeats": 1, "eval.speed_decode_tokens": 4, "export": "false"},
+        **{
+            "eval.speed": "true",
+            "eval.speed_repeats": 1,
+            "eval.speed_decode_tokens": 4,
+            "export.enabled": "false",
+        },
     )
     results = run(compose_config(overrides, tmp_path), progress=False)
     s = results["speed"]

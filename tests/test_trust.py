@@ -81,7 +81,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.slow
 def test_a_finished_run_keeps_an_adapter_only_checkpoint(tmp_path, text_file):
-    overrides = tiny_run_overrides(text_file, **{"tune.checkpoint_every": 3, "export": "false"})
+    overrides = tiny_run_overrides(text_file, **{"tune.checkpoint_every": 3, "export.enabled": "false"})
     results = run(compose_config(overrides, tmp_path), progress=False)
     state = torch.load(results["tune"]["checkpoint"], map_location="cpu", weights_only=True)
     assert state["global_step"] == 6

@@ -148,7 +148,11 @@ def test_pipeline_reports_zero_shot_per_stage_and_logs_the_metrics(tmp_path, tex
     yaml_path = write_task(tmp_path / "task", "toy_mc", toy_records(8))
     overrides = tiny_run_overrides(
         text_file,
-        **{"eval.tasks": f"[{yaml_path}]", "eval.task_stages": "[dense,pruned,final]", "export": "false"},
+        **{
+            "eval.tasks": f"[{yaml_path}]",
+            "eval.task_stages": "[dense,pruned,final]",
+            "export.enabled": "false",
+        },
     )
     results = run(compose_config(overrides, tmp_path / "run"), progress=False)
     zs = results["zeroshot"]
@@ -171,7 +175,7 @@ def test_the_shipped_cloze_task_runs_in_the_pipeline_on_wiki_text(tmp_path, text
             "eval.task_limit": 6,
             "eval.task_stages": "[final]",
             "trainer.max_steps": 0,
-            "export": "false",
+            "export.enabled": "false",
         },
     )
     results = run(compose_config(overrides, tmp_path), progress=False)

@@ -31,6 +31,7 @@ from sppx.contracts import ModelSource, Teacher
 from sppx.data import Corpus
 from sppx.errors import ConfigError, check_annotated_types, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig
+from sppx.export import ExportConfig
 from sppx.models import default_cache_dir
 from sppx.module import TuneConfig
 from sppx.pruning import NoPruner, Pruner, SparsityPattern
@@ -70,7 +71,7 @@ class Plan:
     eval: EvalConfig
     sparsity: float  # the requested fraction; the pattern decides what is pruned (pattern.target)
     seed: int
-    export: bool
+    export: ExportConfig
     output_dir: Path
     cache_dir: Path
     cfg: DictConfig
@@ -203,8 +204,18 @@ def check_top_level(cfg: DictConfig) -> None:
     require_fraction("sparsity", cfg.get("sparsity"))
     seed = cfg.get("seed")
     require(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "must be an integer in [0, 2**32)")
-    for key in ("export", "overwrite"):
-        require(isinstance(cfg.get(key, False), bool), key, cfg.get(key), "must be true or false")
+    require(
+        isinstance(cfg.get("overwrite", False), bool),
+        "overwrite",
+        cfg.get("overwrite"),
+        "must be true or false",
+    )
+    require(
+        OmegaConf.is_dict(cfg.get("export")),
+        "export",
+        cfg.get("export"),
+        "must be true or false (export.enabled), or set its keys: export.enabled, export.format, export.dtype",
+    )
     tags = OmegaConf.to_container(cfg.tags) if OmegaConf.is_list(cfg.get("tags")) else cfg.get("tags")
     require(
         tags is None
@@ -262,7 +273,7 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         eval=build(cfg.eval, "eval"),
         sparsity=cfg.sparsity,
         seed=cfg.seed,
-        export=cfg.export,
+        export=build(cfg.export, "export"),
         output_dir=Path(cfg.paths.output_dir),
         cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else default_cache_dir(),
         cfg=cfg,

@@ -21,7 +21,15 @@ from sppx.card import model_card
 from sppx.data import TokenizedCorpus, calibration_windows, consecutive_windows, windows_digest
 from sppx.errors import ConfigError, RunError, first_line, is_int, require
 from sppx.evaluate import perplexity
-from sppx.export import parameter_counts, save_model, sparsity_report, verify_model_zeros, verify_saved_zeros
+from sppx.export import (
+    compression_of,
+    export_sizes,
+    parameter_counts,
+    save_model,
+    sparsity_report,
+    verify_model_zeros,
+    verify_saved_zeros,
+)
 from sppx.masking import DenseKeeper, StudentMasks
 from sppx.pipeline.planning import Plan, build, check_context, linear_shapes
 from sppx.pipeline.state import RunState, StructuredOutcome
@@ -479,17 +487,30 @@ def semi_structured_copy(p: Plan, model):
 
 # --------------------------------------------------------------------------- export
 class Export(Stage):
-    """The merged model as safetensors with its model card; the zeros are checked again on the files
-    before the folder gets its final name."""
+    """The merged model as safetensors (dense, or compressed: kept values + bitmask) in ``export.dtype``
+    with its model card; the zeros are checked again on the files before the folder gets its final name."""
 
     name = "export"
 
     def enabled(self, p: Plan) -> bool:
-        return p.export
+        return p.export.enabled
 
     def check(self, p: Plan) -> None:
         if p.structured:
             check_kept_heads(p)
+        if p.export.format == "compressed" and (not p.prunes or p.structured or p.merge_fills_zeros):
+            why = (
+                "this run prunes nothing"
+                if not p.prunes
+                else "structured pruning removes the pruned units instead of zeroing them"
+                if p.structured
+                else f"adapter={p.adapter.name}'s merge fills the pruned weights in"
+            )
+            raise ConfigError(
+                "export.format",
+                "compressed",
+                f"stores only the kept weights of a sparse model, and {why}; use export.format=safetensors",
+            )
 
     def run(self, state: RunState) -> None:
         p, results = state.plan, state.results
@@ -498,12 +519,29 @@ class Export(Stage):
             if not p.merge_fills_zeros:
                 results["sparsity"]["zeros_verified_on_disk"] = verify_saved_zeros(directory, state.masks)
 
+        compression = None
+        if p.export.format == "compressed":
+            compression = compression_of(state.masks, p.pattern, results["sparsity"]["measured"])
+        results["export"] = {"format": p.export.format, "dtype": p.export.dtype}  # the card says how to load
         with state.watch("export"):
             model_dir = save_model(
-                state.model, state.tokenizer, p.output_dir / "model", model_card(results), verify
+                state.model,
+                state.tokenizer,
+                p.output_dir / "model",
+                model_card(results),
+                verify,
+                dtype=p.export.dtype,
+                compression=compression,
             )
         results["model_dir"] = str(model_dir)
-        log.info("export: %s", model_dir)
+        results["export"].update(export_sizes(state.model, model_dir))
+        log.info(
+            "export: %s (%s, %s, %.1f MB)",
+            model_dir,
+            p.export.format,
+            p.export.dtype,
+            results["export"]["bytes"] / 1e6,
+        )
 
 
 def check_kept_heads(p: Plan) -> None:

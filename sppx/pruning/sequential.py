@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from sppx.masking import DenseKeeper
 from sppx.profiling import Stopwatch
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
-from sppx.pruning.masks import SparsityPattern
+from sppx.pruning.masks import PackedMasks, SparsityPattern
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class _MaskRecorder:
         self.prefix = prefix
         self.watch = watch
         self.keeper = keeper
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks = PackedMasks()  # a bit per weight: the pruned model's masks cost 1/8 of a bool tensor
 
     def prune_linear(self, i: int, name: str, linear: nn.Linear, stats) -> None:
         """Prune (or, with a keeper, only mask) the Linear ``name`` of block ``i``; record its mask."""
@@ -373,8 +374,9 @@ def prune_model(
     progress: bool = True,
     watch: Stopwatch | None = None,
     keeper: DenseKeeper | None = None,
-) -> dict[str, torch.Tensor]:
-    """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}``.
+) -> Mapping[str, torch.Tensor]:
+    """Prune every targeted Linear of the decoder in place; return ``{module name: keep-mask}`` (bit-packed,
+    see :class:`~sppx.pruning.masks.PackedMasks`).
 
     ``sparsity`` is one fraction for every block, or one per block (a layer-wise allocation such as OWL).
     ``watch`` (optional) accumulates the time of each phase: capture, statistics, masks, block outputs.

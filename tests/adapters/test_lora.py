@@ -132,7 +132,10 @@ def test_run_reports_the_sparsity_lora_destroyed(tmp_path, text_file):
     assert sp["lost_in_merge"] == pytest.approx(0.5 - zeros / numel, abs=1e-12) and sp["lost_in_merge"] > 0.4
     assert sp["zeros_verified"] == 0
 
-    spp = run(compose_config(tiny_run_overrides(text_file, export="false"), tmp_path / "s"), progress=False)
+    spp = run(
+        compose_config(tiny_run_overrides(text_file, **{"export.enabled": "false"}), tmp_path / "s"),
+        progress=False,
+    )
     assert spp["sparsity"]["lost_in_merge"] == 0.0 and spp["sparsity"]["before_merge"] == 0.5
     assert math.isfinite(results["ppl"]["final"])
 

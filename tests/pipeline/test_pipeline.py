@@ -77,7 +77,7 @@ def test_full_run_writes_complete_results_and_a_reloadable_model(tmp_path, text_
 
 def test_pruner_none_and_adapter_none_reuse_measurements(tmp_path, text_file):
     cfg = compose_config(
-        tiny_run_overrides(text_file, pruner="none", adapter="none", export="false"), tmp_path
+        tiny_run_overrides(text_file, pruner="none", adapter="none", **{"export.enabled": "false"}), tmp_path
     )
     results = run(cfg, progress=False)
     assert results["ppl"]["dense"] == results["ppl"]["pruned"] == results["ppl"]["final"]
@@ -179,7 +179,7 @@ def test_wandb_logger_runs_offline_and_logs_every_kind_of_record(tmp_path, text_
     overrides = tiny_run_overrides(
         text_file,
         logger="wandb",
-        export="false",
+        **{"export.enabled": "false"},
         **{"trainer.max_steps": 2, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 2},
     )
     run(compose_config(overrides, tmp_path), progress=False)
@@ -220,7 +220,7 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
     own.write_text("A different text for calibration only, about stars and comets. " * 40)
     overrides = tiny_run_overrides(
         text_file,
-        export="false",
+        **{"export.enabled": "false"},
         **{"pruner.allocation": "owl", "data.calibration": str(own), "sparsity": 0.6},
     )
     results = run(compose_config([*overrides, "trainer.max_steps=0"], tmp_path / "owl"), progress=False)
@@ -246,7 +246,8 @@ def test_owl_run_records_block_sparsities_and_the_calibration_it_used(tmp_path, 
     assert other["data"]["calibration"]["digest"] != calib["digest"]
     default = run(
         compose_config(
-            [*tiny_run_overrides(text_file, export="false"), "trainer.max_steps=0"], tmp_path / "d"
+            [*tiny_run_overrides(text_file, **{"export.enabled": "false"}), "trainer.max_steps=0"],
+            tmp_path / "d",
         ),
         progress=False,
     )
@@ -302,7 +303,9 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, text_file, monkeyp
     from sppx.interrupts import Interrupted
 
     offline_wandb(monkeypatch, tmp_path)
-    overrides = tiny_run_overrides(text_file, logger="wandb", export="false", **{"trainer.max_steps": 4})
+    overrides = tiny_run_overrides(
+        text_file, logger="wandb", **{"export.enabled": "false"}, **{"trainer.max_steps": 4}
+    )
     stop = "[{_target_:tests.pipeline.test_signals.SignalAtStep,step:2,signum:15}]"
     with pytest.raises(Interrupted):
         run(compose_config([*overrides, f"trainer.callbacks={stop}"], tmp_path), progress=False)

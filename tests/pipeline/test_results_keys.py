@@ -34,7 +34,11 @@ def key_paths(record: dict, prefix: str = "") -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_results_json_keeps_every_key_it_had(tmp_path, text_file, case):
-    overrides = [*tiny_run_overrides(text_file, **{"trainer.max_steps": 2}), "export=false", *CASES[case]]
+    overrides = [
+        *tiny_run_overrides(text_file, **{"trainer.max_steps": 2}),
+        "export.enabled=false",
+        *CASES[case],
+    ]
     results = run(compose_config(overrides, tmp_path / "run"), progress=False)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert key_paths(written) == key_paths(results)
