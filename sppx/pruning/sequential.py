@@ -28,7 +28,7 @@ from sppx.anatomy import (
     sequential_groups,
 )
 from sppx.masking import DenseKeeper
-from sppx.profiling import Stopwatch
+from sppx.profiling import Stopwatch, release_freed_memory
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
 from sppx.pruning.masks import PackedMasks, SparsityPattern
@@ -282,6 +282,10 @@ def run_blocks(
         if device is not None:
             block.to(device)
         visit(i, block, inputs)
+        # The measuring and pruning temporaries are free now, but glibc keeps the heap they grew (its
+        # mmap threshold rises after the first large frees): without this the resident size grows by
+        # ~20 MiB per block (SparseGPT on SmolLM2-135M: 700 MiB at the end instead of 150).
+        release_freed_memory()
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
                 inputs = [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
