@@ -37,7 +37,8 @@ class Hessian:
         n = x.shape[0]
         self.H.mul_(self.tokens / (self.tokens + n))
         self.tokens += n
-        self.H.addmm_(x.T, x, alpha=2.0 / self.tokens)  # no scaled copy of x (up to 13 MB per batch)
+        x = x * math.sqrt(2.0 / self.tokens)
+        self.H.addmm_(x.T, x)
         self._factor.clear()
 
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
