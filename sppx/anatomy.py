@@ -37,7 +37,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 # A config key sppx writes for a model whose decoder layers have different widths: one entry per layer
-# with its own WIDTH_KEYS (see sppx.models.load_layer_widths_model).
+# with its own WIDTH_KEYS (see sppx.models.load_saved_model).
 LAYER_WIDTHS_KEY = "sppx_layer_widths"
 WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -81,7 +81,7 @@ class Family:
     units: tuple[str, ...] = ("layers", "heads", "neurons")
     units_note: str = ""
     # Whether a structured export whose layers have their own widths can be rebuilt
-    # (sppx.models.load_layer_widths_model re-creates Llama-named projections only).
+    # (sppx.models.load_saved_model re-creates Llama-named projections only).
     per_layer_widths: bool = True
     notes: str = ""  # what else differs from Llama (documentation only)
 

@@ -158,10 +158,10 @@ def compression_of(masks: dict[str, torch.Tensor], pattern, sparsity: float) -> 
     return Compression(names, fmt, sparse_format.sparsity_config(fmt, structure, sparsity, names))
 
 
-def export_sizes(model: nn.Module, directory: Path) -> dict[str, float]:
-    """Bytes of the exported weight files, what the same parameters take as dense float32 (tied
-    tensors once, file headers not counted) and their ratio."""
-    dense = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def export_sizes(directory: Path, parameters: int) -> dict[str, float]:
+    """Bytes of the exported weight files, what the model's ``parameters`` (tied tensors once) take as
+    dense float32 (file headers not counted) and their ratio."""
+    dense = 4 * parameters
     written = sparse_format.folder_bytes(directory)
     return {"bytes": written, "dense_float32_bytes": dense, "ratio_to_dense_float32": written / dense}
 
@@ -169,13 +169,14 @@ def export_sizes(model: nn.Module, directory: Path) -> dict[str, float]:
 def save_weights(model, directory: Path, dtype: str) -> None:
     """``save_pretrained`` (safetensors) with the weights cast to ``dtype`` and config.json saying so;
     the model in memory is not changed."""
-    target = DTYPES[dtype]
-    state = None
-    if any(t.dtype != target for t in model.state_dict().values() if t.is_floating_point()):
+    target, state = DTYPES[dtype], model.state_dict()
+    if all(t.dtype == target for t in state.values() if t.is_floating_point()):
+        state = None  # save_pretrained's own state dict
+    else:
         cast: dict[int, torch.Tensor] = {}  # one copy per storage, so tied weights stay tied (saved once)
         state = {
             k: cast.setdefault(v.data_ptr(), v.to(target)) if v.is_floating_point() else v
-            for k, v in model.state_dict().items()
+            for k, v in state.items()
         }
     use_cache = model.config.use_cache
     try:

@@ -73,9 +73,9 @@ def load_pretrained(path, dtype: str = "float32", **kwargs) -> PreTrainedModel:
 
     A local folder whose ``config.json`` lists per-layer widths (``sppx_layer_widths``, written by a
     structured export with non-uniform layers) or whose weights are compressed (``sppx_compression``,
-    an ``export.format=compressed`` export) is built by :func:`load_layer_widths_model` instead."""
+    an ``export.format=compressed`` export) is built by :func:`load_saved_model` instead."""
     if saved_layer_widths(path) or saved_format(path):
-        return _finish(load_layer_widths_model(path, dtype))
+        return _finish(load_saved_model(path, dtype))
     return _finish(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs))
 
 
@@ -139,7 +139,7 @@ def set_layer_widths(model: PreTrainedModel, widths: list[dict]) -> None:
         mlp.intermediate_size = neurons
 
 
-def load_layer_widths_model(path, dtype: str = "float32") -> PreTrainedModel:
+def load_saved_model(path, dtype: str = "float32") -> PreTrainedModel:
     """Load a structured export with per-layer widths or a compressed export: the model built from its
     config (no code from the folder is run), each layer re-shaped to its recorded widths (if any), then
     every tensor of the safetensors files loaded into it (compressed weights decompressed). A tensor the

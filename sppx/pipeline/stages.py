@@ -534,7 +534,7 @@ class Export(Stage):
                 compression=compression,
             )
         results["model_dir"] = str(model_dir)
-        results["export"].update(export_sizes(state.model, model_dir))
+        results["export"].update(export_sizes(model_dir, results["params"]["total"]))
         log.info(
             "export: %s (%s, %s, %.1f MB)",
             model_dir,

@@ -15,7 +15,7 @@ column). A :class:`Structure` lists what is kept; it can be applied two ways tha
 Inside a layer every kept K/V group keeps the same number of query heads. Layers may keep different
 numbers of heads and neurons (a protected layer range, FLAP's global allocation): a uniform structure
 is saved with a standard config; otherwise the config keeps the dense widths and lists each layer's
-own under ``sppx_layer_widths`` (see :func:`sppx.models.load_layer_widths_model`).
+own under ``sppx_layer_widths`` (see :func:`sppx.models.load_saved_model`).
 """
 
 from __future__ import annotations
