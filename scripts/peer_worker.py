@@ -67,16 +67,17 @@ def worker_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     parser.add_argument("--out", required=True, help="output prefix: <out>.json and <out>.safetensors")
+    parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager", help="attn_implementation")
     args = parser.parse_args(argv)
     args.n, args.m, args.sparsity = parse_pattern(args.pattern)
     return args
 
 
-def load_model(folder: str):
-    """fp32, eager attention (the peer forces eager while calibrating: the same kernels in both), no KV
-    cache, eval mode, and every tensor copied into the process's own memory: a write to a page still
-    mapped from the safetensors file costs a page fault, which would be timed as pruning."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+def load_model(folder: str, attention: str = "eager"):
+    """fp32, ``attention`` (the peer forces eager while calibrating; sppx runs with the model's default,
+    sdpa), no KV cache, eval mode, and every tensor copied into the process's own memory: a write to a
+    page still mapped from the safetensors file costs a page fault, which would be timed as pruning."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
@@ -190,7 +191,7 @@ def read_tokens(path: str) -> torch.Tensor:
 
 def prune_and_measure(prepare, args, record: dict) -> None:
     """Load, prepare (untimed), prune (timed, peak RSS sampled), check, save the weights."""
-    model = load_model(args.model_dir)
+    model = load_model(args.model_dir, args.attention)
     ids = read_tokens(args.tokens)
     linears = decoder_projections(model)
     zeros_before = untargeted_zeros(model, linears)

@@ -4,11 +4,12 @@ sampled in a background thread, and the CUDA allocator's peak when a GPU is in u
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import torch
 
@@ -63,11 +64,21 @@ def rss_bytes() -> int:
         return 0
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand memory that was freed but kept by the C allocator back to the system (glibc ``malloc_trim``),
     so the resident size reflects what is alive after a stage with many large temporaries (pruning)."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class PeakMemory:

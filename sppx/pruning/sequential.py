@@ -275,20 +275,23 @@ def run_blocks(
     than (GPU) memory is pruned with the model itself kept in (CPU) memory."""
     watch = watch or Stopwatch()
     last = len(layers) - 1
-    if device is not None:
-        inputs = to_device(inputs, torch.device(device))
+    inputs = to_device(inputs, torch.device(device)) if device is not None else list(inputs)
     for i, block in enumerate(bar(layers, desc=desc, disable=not progress, unit="block")):
         home = next(block.parameters()).device
         if device is not None:
             block.to(device)
         visit(i, block, inputs)
-        # The measuring and pruning temporaries are free now, but glibc keeps the heap they grew (its
-        # mmap threshold rises after the first large frees): without this the resident size grows by
-        # ~20 MiB per block (SparseGPT on SmolLM2-135M: 700 MiB at the end instead of 150).
+        # Each phase's temporaries are free at its end, but glibc keeps the heap they grew (its mmap
+        # threshold rises after the first large frees) and the next phase's peak comes on top of it:
+        # handing it back after every phase keeps the resident size near what is alive (SparseGPT on
+        # SmolLM2-135M: peak +190-220 MiB instead of 280-400, at no measurable cost in time).
         release_freed_memory()
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
-                inputs = [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+                for b, (hidden, kwargs) in enumerate(inputs):  # a batch's inputs go as its outputs come
+                    inputs[b] = (run_block(block, hidden, kwargs), kwargs)
+                    del hidden
+            release_freed_memory()
         if after is not None:
             after(i)
         if device is not None:
@@ -362,6 +365,7 @@ class _MaskRecorder:
             group_linears = {name: linears[name] for name in group}
             with self.watch("statistics"):
                 stats = collect_stats(block, group_linears, self.pruner, inputs)
+            release_freed_memory()  # the forward's temporaries (see run_blocks)
             with self.watch("masks"):
                 for name, linear in group_linears.items():
                     self.prune_linear(i, name, linear, stats[name])

@@ -59,11 +59,18 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_tries: int = 6)
     """
     mean_diag = torch.diag(H).mean()
     damp = percdamp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         try:
-            L = torch.linalg.cholesky((H + damp * mean_diag * eye).flip(0, 1))
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            # Matrix-sized temporaries one or two at a time (a 7B model's MLP H is 0.5 GB): the damping
+            # goes onto the diagonal of the reversed copy in place (the same sums as H + lambda I).
+            reversed_h = H.flip(0, 1)
+            reversed_h.diagonal().add_(damp * mean_diag)
+            L = torch.linalg.cholesky(reversed_h)
+            del reversed_h
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+            del L, eye
+            return inverse.flip(0, 1)
         except torch.linalg.LinAlgError:
             if attempt == max_tries - 1:
                 break

@@ -9,7 +9,7 @@ import torch
 from sppx.anatomy import block_linears, decoder_layers, prunable_linears, sequential_groups
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
-from sppx.pruning.sequential import capture_block_inputs, collect_stats
+from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_block, run_blocks
 from sppx.pruning.wanda import wanda_scores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -209,3 +209,21 @@ def test_a_compute_device_holds_one_block_at_a_time_and_gives_the_same_masks(tin
         WandaPruner(device="cuda:7")
     with pytest.raises(ConfigError, match=r"^pruner\.device='gpu0': must be null or a torch device"):
         WandaPruner(device="gpu0")
+
+
+def test_run_blocks_leaves_the_callers_inputs_alone_and_feeds_each_block_the_last_outputs(tiny):
+    """Each batch's inputs are replaced by its outputs as they come (one set alive), on a copy of the list."""
+    model, _ = tiny
+    torch.manual_seed(0)
+    inputs = capture_block_inputs(model, torch.randint(0, 256, (6, 16)), 4)
+    original = [hidden for hidden, _ in inputs]
+    layers = decoder_layers(model)
+    seen = []
+    with torch.no_grad():
+        run_blocks(layers, inputs, lambda i, block, batch: seen.append([h for h, _ in batch]), False, "t")
+        expected = [run_block(layers[0], h, kw) for h, kw in inputs]
+    assert all(h is o for (h, _), o in zip(inputs, original, strict=True))
+    assert all(h is o for h, o in zip(seen[0], original, strict=True))
+    for h, e in zip(seen[1], expected, strict=True):
+        torch.testing.assert_close(h, e, rtol=0, atol=0)
+    assert len(seen) == len(layers)
