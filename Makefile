@@ -50,7 +50,7 @@ run: $(STAMP)
 	$(PY) run.py $(ARGS)
 
 bench-peer: $(STAMP) $(PEER_STAMP)
-	$(PY) scripts/bench_peer.py --peer-python $(PEER_PY) $(ARGS)
+	$(PY) scripts/bench_peer.py --peer-python $(PEER_PY) --repeats 2 $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

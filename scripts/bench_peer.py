@@ -74,17 +74,18 @@ Differences that remain (each is the peer's code as shipped; none can be set fro
   torch.fx-traced subgraphs. Rounding differences in the propagated activations flip near-tied
   scores: in the smoke runs the Wanda masks of blocks 0 and 1 agree exactly, later blocks less and
   less (the ``mask agree`` column is over all blocks).
-- Memory: sppx's prune_model returns the keep-mask of every pruned Linear (one byte per weight,
-  about 101 MiB for SmolLM2-135M's 106M); they are alive at the end of the timed call and counted in
-  its peak. The peer keeps no masks. Peaks are RSS (5 ms samples): memory the allocator keeps after
-  a free counts too.
+- Memory: sppx's prune_model returns the keep-mask of every pruned Linear (one bit per weight,
+  13 MiB for SmolLM2-135M's 106M); they are alive at the end of the timed call and counted in its
+  peak. The peer keeps no masks. Peaks are RSS (5 ms samples): memory the allocator keeps after a
+  free counts too, so they vary between runs of the same code (up to 1.7x here); ``--repeats`` keeps
+  the lowest of each tool's runs.
 - Time: the peer's includes torch.fx tracing of the model into per-block subgraphs, the session /
   recipe lifecycle, a full forward of each block for calibration (sppx stops each statistics pass at
   the last needed input) and the duplicated statistics above.
 
-Writes peer.csv, peer.md and peer.png (perplexity and prune time per row, both tools) under --out.
+Writes peer.csv, peer.md and peer.png (perplexity, prune time and peak memory per row, both tools) under --out.
 
-    python scripts/bench_peer.py --peer-python .venv-peer/bin/python      # everything (make bench-peer)
+    python scripts/bench_peer.py --peer-python .venv-peer/bin/python --repeats 2  # all rows (make bench-peer)
     python scripts/bench_peer.py --methods wanda --patterns 2:4 --nsamples 4 --eval-windows 4  # smoke
     python scripts/bench_peer.py --tools sppx --methods sparsegpt --patterns 50%
 """
@@ -468,14 +469,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['method']}\n{r['pattern']}" for r in rows]
-    fig, (ax_ppl, ax_time) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 2), 4.5))
+    fig, (ax_ppl, ax_time, ax_mem) = plt.subplots(3, 1, figsize=(max(8, 1.3 * len(rows) + 2), 10))
     draw_bars(ax_ppl, rows, "ppl")
     draw_bars(ax_time, rows, "prune_s")
+    draw_bars(ax_mem, rows, "peak_mib")
     ax_ppl.axhline(rows[0]["dense_ppl"], color="gray", ls=":", label=f"dense ({rows[0]['dense_ppl']:.1f})")
     ax_ppl.set_yscale("log")
     ax_ppl.set_ylabel("perplexity (log scale)")
     ax_time.set_ylabel("prune time (s)")
-    for ax in (ax_ppl, ax_time):
+    ax_mem.set_ylabel("peak resident memory added (MiB)")
+    for ax in (ax_ppl, ax_time, ax_mem):
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_xlim(-0.6, len(rows) - 0.4)  # room for a failed row's slot, which has no bar
         ax.grid(alpha=0.3, axis="y")
