@@ -129,6 +129,13 @@ class Pruner:
         """Return the keep-mask of ``linear`` and zero its pruned weights in place."""
         raise NotImplementedError
 
+    def prune_shared(
+        self, linears: dict[str, nn.Linear], stats, sparsity: float, pattern: SparsityPattern
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`prune` every Linear of ``linears``, all fed the same inputs (one ``stats``); a pruner that
+        does them faster together overrides this with the same results."""
+        return {name: self.prune(linear, stats, sparsity, pattern) for name, linear in linears.items()}
+
 
 @torch.no_grad()
 def apply_mask(linear: nn.Linear, keep: torch.Tensor) -> torch.Tensor:

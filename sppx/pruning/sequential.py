@@ -137,6 +137,15 @@ def collect_stats(
     return {name: state.stats[name] for name in linears}
 
 
+def shared_inputs(stats: dict) -> list[list[str]]:
+    """The Linears of ``stats`` grouped by accumulator (those fed the same inputs share one), in order;
+    a Linear without statistics is a group of its own."""
+    groups: dict[int, list[str]] = {}
+    for name, value in stats.items():
+        groups.setdefault(id(value) if value is not None else name, []).append(name)
+    return list(groups.values())
+
+
 class _Captured(Exception):
     pass
 
@@ -339,6 +348,16 @@ class _MaskRecorder:
             keep = self.keeper.prune(full, linear, stats, self.per_layer[i], self.pattern)
         self.masks[full] = keep.cpu() if self.pruner.device is not None else keep  # masks stay with the model
 
+    def prune_shared(self, i: int, linears: dict[str, nn.Linear], stats) -> None:
+        """Prune Linears of block ``i`` fed the same inputs (one ``stats``) together; record their masks."""
+        if self.keeper is not None or len(linears) == 1:
+            for name, linear in linears.items():
+                self.prune_linear(i, name, linear, stats)
+            return
+        keeps = self.pruner.prune_shared(linears, stats, self.per_layer[i], self.pattern)
+        for name, keep in keeps.items():
+            self.masks[f"{self.prefix}.{i}.{name}"] = keep.cpu() if self.pruner.device is not None else keep
+
     def prune_weights_only(self, layers: nn.ModuleList, progress: bool) -> None:
         """Prune every block from its weights alone (a pruner that collects no statistics)."""
         pruner = self.pruner
@@ -367,8 +386,8 @@ class _MaskRecorder:
                 stats = collect_stats(block, group_linears, self.pruner, inputs)
             release_freed_memory()  # the forward's temporaries (see run_blocks)
             with self.watch("masks"):
-                for name, linear in group_linears.items():
-                    self.prune_linear(i, name, linear, stats[name])
+                for names in shared_inputs(stats):
+                    self.prune_shared(i, {name: group_linears[name] for name in names}, stats[names[0]])
             del stats
 
 

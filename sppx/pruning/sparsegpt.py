@@ -2,14 +2,17 @@
 
 H = (2/n) sum X^T X over the calibration tokens (fp32). Dead inputs (H_jj = 0) get H_jj = 1 and a
 zero weight column. H is damped by ``percdamp * mean(diag H)``; U is the upper Cholesky factor of H^-1.
-Linears fed the same inputs (q, k, v; gate, up) share H and its factor. Columns are swept in blocks of ``blocksize``: within a block the mask is chosen adaptively (unstructured:
-the floor(p * rows * B) lowest W^2 / diag(U)^2 of the block; N:M: every M columns, the N lowest per row),
-each pruned column's error is spread over the block's remaining columns, and the block's errors over
-all later columns.
+Linears fed the same inputs (q, k, v; gate, up) share H and its factor, and are swept together over
+their stacked rows (every step is row-wise: each matrix gets exactly its own sweep). Columns are swept
+in blocks of ``blocksize``: within a block the mask is chosen adaptively (unstructured: the
+floor(p * rows * B) lowest W^2 / diag(U)^2 of the block, per matrix; N:M: every M columns, the N lowest
+per row), each pruned column's error is spread over the block's remaining columns, and the block's
+errors over all later columns.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -96,16 +99,23 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    segments: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (updated weight in weight's dtype with pruned entries exactly 0, keep-mask).
 
     ``factor`` is ``hessian_factor(H, percdamp)`` when already computed. The sweep works on W^T, so a
     column of W is a contiguous row and each column step is two fused kernels (scale, rank-1 update).
+    ``segments`` (row counts summing to the rows): ``weight`` stacks several matrices fed the same
+    inputs; every step of the sweep is row-wise, so each gets exactly its own sweep, and the
+    unstructured count of a block is taken in each matrix apart.
     """
     U, dead = factor if factor is not None else hessian_factor(H, percdamp)
     WT = weight.detach().float().t().contiguous()  # (cols, rows): WT[j] is column j of W
     cols, rows = WT.shape
     WT.mul_(~dead[:, None])
+    bounds = torch.tensor([0, *(segments or [rows])]).cumsum(0).tolist()
+    if bounds[-1] != rows:
+        raise ValueError(f"segments {segments} do not add up to the {rows} rows")
 
     pruned = torch.zeros(cols, rows, dtype=torch.bool, device=WT.device)
     for i1 in range(0, cols, blocksize):
@@ -117,10 +127,11 @@ def sparsegpt_prune(
         mask1 = pruned[i1:i2]  # a view: True = pruned
         scale = torch.zeros(count, rows, dtype=WT.dtype, device=WT.device)  # mask / U_ii per column
         if not pattern.is_nm:
-            k = math.floor(sparsity * rows * count)
-            if k:
-                scores = (W1 / d1[:, None]) ** 2
-                mask1.copy_(lowest(scores.flatten(), k, 0).view_as(mask1))
+            for a, b in itertools.pairwise(bounds):
+                k = math.floor(sparsity * (b - a) * count)
+                if k:
+                    scores = (W1[:, a:b] / d1[:, None]) ** 2
+                    mask1[:, a:b] = lowest(scores.flatten(), k, 0).view(count, b - a)
             torch.div(mask1, d1[:, None], out=scale)
         err = torch.empty(count, rows, dtype=WT.dtype, device=WT.device)
         for i in range(count):
@@ -136,6 +147,26 @@ def sparsegpt_prune(
     keep = ~pruned.t()
     W = WT.t().mul(keep).add_(0.0)  # pruned entries exactly 0.0 (not -0.0)
     return W.to(weight.dtype), keep.contiguous()
+
+
+@torch.no_grad()
+def sparsegpt_prune_shared(
+    weights: list[torch.Tensor],
+    H: torch.Tensor | None,
+    sparsity: float,
+    pattern: SparsityPattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sparsegpt_prune` of every matrix of ``weights`` (fed the same inputs: one H) in one sweep
+    over their stacked rows: the same result, a third of the column steps for q, k, v."""
+    if len(weights) == 1:
+        return [sparsegpt_prune(weights[0], H, sparsity, pattern, blocksize, percdamp, factor)]
+    sizes = [w.shape[0] for w in weights]
+    stacked = torch.cat([w.detach() for w in weights])
+    W, keep = sparsegpt_prune(stacked, H, sparsity, pattern, blocksize, percdamp, factor, segments=sizes)
+    return list(zip(W.split(sizes), keep.split(sizes), strict=True))
 
 
 @dataclass
@@ -188,3 +219,21 @@ class SparseGPTPruner(Pruner):
         )
         linear.weight.copy_(weight)
         return keep.cpu()
+
+    @torch.no_grad()
+    def prune_shared(
+        self, linears: dict[str, nn.Linear], stats: Hessian, sparsity: float, pattern: SparsityPattern
+    ) -> dict[str, torch.Tensor]:
+        """Linears fed the same inputs (q, k, v; gate, up) in one stacked sweep (same dtype and device)."""
+        weights = [linear.weight for linear in linears.values()]
+        if len({(w.dtype, w.device) for w in weights}) > 1:
+            return super().prune_shared(linears, stats, sparsity, pattern)
+        self.check_pattern(pattern)
+        pruned = sparsegpt_prune_shared(
+            weights, stats.H, sparsity, pattern, self.blocksize, self.percdamp, stats.factor(self.percdamp)
+        )
+        keeps = {}
+        for (name, linear), (weight, keep) in zip(linears.items(), pruned, strict=True):
+            linear.weight.copy_(weight)
+            keeps[name] = keep.cpu()
+        return keeps

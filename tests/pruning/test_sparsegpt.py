@@ -144,3 +144,57 @@ def test_a_shared_hessian_gives_the_same_result_as_separate_ones():
     keep_shared = pruner.prune(lin_b, shared, 0.5, UNSTRUCTURED)  # reuses the cached factor
     keep_alone = pruner.prune(b_copy, alone, 0.5, UNSTRUCTURED)
     assert torch.equal(keep_shared, keep_alone) and torch.equal(lin_b.weight, b_copy.weight)
+
+
+@pytest.mark.parametrize(
+    "pattern,sparsity", [(UNSTRUCTURED, 0.5), (UNSTRUCTURED, 0.7), (SparsityPattern("nm", 2, 4), 0.5)]
+)
+def test_linears_fed_the_same_inputs_pruned_in_one_stacked_sweep_as_each_alone(pattern, sparsity):
+    """q, k, v (rows 48, 16, 16) share H: one sweep over their stacked rows gives every matrix its own
+    masks and block counts, and its weights to float rounding (fused and plain multiply-adds)."""
+    _, x = layer_and_inputs(in_f=80, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    linears = {name: nn.Linear(80, rows, bias=False) for name, rows in (("q", 48), ("k", 16), ("v", 16))}
+    alone = {}
+    for name, lin in linears.items():
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.out_features, 80, generator=gen))
+        alone[name] = nn.Linear(80, lin.out_features, bias=False)
+        alone[name].weight.data.copy_(lin.weight)
+    pruner = SparseGPTPruner(blocksize=32)
+    stats = pruner.new_stats(linears["q"])
+    stats.add(x)
+    keeps = pruner.prune_shared(linears, stats, sparsity, pattern)
+    for name, lin in linears.items():
+        keep_alone = pruner.prune(alone[name], stats, sparsity, pattern)
+        assert torch.equal(keeps[name], keep_alone), name
+        torch.testing.assert_close(lin.weight, alone[name].weight, rtol=0, atol=1e-5)
+        assert (lin.weight[~keeps[name]] == 0).all()
+        if not pattern.is_nm:  # each matrix its own count per block of columns
+            for start, width in ((0, 32), (32, 32), (64, 16)):
+                block = ~keeps[name][:, start : start + width]
+                assert int(block.sum()) == math.floor(sparsity * lin.out_features * width)
+
+
+def test_prune_model_sweeps_each_set_of_linears_with_one_input_together(tiny):
+    """The engine hands SparseGPT q/k/v and gate/up as groups (one shared Hessian each), o and down alone."""
+    from sppx.anatomy import decoder_layers
+    from sppx.pruning import prune_model
+
+    model, _ = tiny
+    calls = []
+
+    class Recording(SparseGPTPruner):
+        def prune_shared(self, linears, stats, sparsity, pattern):
+            calls.append(sorted(linears))
+            return super().prune_shared(linears, stats, sparsity, pattern)
+
+    masks = prune_model(
+        model, Recording(batch_size=4), 0.5, UNSTRUCTURED, torch.randint(0, 256, (4, 16)), False
+    )
+    per_block = [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+    ]
+    assert calls == per_block * len(decoder_layers(model))
+    assert len(masks) == 7 * len(decoder_layers(model))
