@@ -68,8 +68,9 @@ Differences that remain (each is the peer's code as shipped; none can be set fro
   Cholesky of the reversed H and a triangular solve (sparsegpt.inverse_cholesky_upper): the same
   factor, other rounding. On a failed Cholesky the peer falls back to the identity (a warning), sppx
   retries with tenfold damping.
-- Sharing: sppx builds one Hessian / norm vector per distinct input (q, k, v share; gate, up share),
-  the peer one per Linear (the same values, computed three and two times).
+- Sharing: sppx builds one Hessian / norm vector per distinct input (q, k, v share; gate, up share)
+  and sweeps SparseGPT's Linears that share one together (stacked rows, each its own counts), the
+  peer one Hessian and one sweep per Linear (the same values, computed three and two times).
 - Model code: the sppx env runs transformers 5.24, the peer's 5.17, and the peer runs the model as
   torch.fx-traced subgraphs. Rounding differences in the propagated activations flip near-tied
   scores: in the smoke runs the Wanda masks of blocks 0 and 1 agree exactly, later blocks less and
