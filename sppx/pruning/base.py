@@ -133,7 +133,7 @@ class Pruner:
         self, linears: dict[str, nn.Linear], stats, sparsity: float, pattern: SparsityPattern
     ) -> dict[str, torch.Tensor]:
         """:meth:`prune` every Linear of ``linears``, all fed the same inputs (one ``stats``); a pruner that
-        does them faster together overrides this with the same results."""
+        does them faster together overrides this (the same masks)."""
         return {name: self.prune(linear, stats, sparsity, pattern) for name, linear in linears.items()}
 
 

@@ -293,7 +293,7 @@ def run_blocks(
         # Each phase's temporaries are free at its end, but glibc keeps the heap they grew (its mmap
         # threshold rises after the first large frees) and the next phase's peak comes on top of it:
         # handing it back after every phase keeps the resident size near what is alive (SparseGPT on
-        # SmolLM2-135M: peak +190-220 MiB instead of 280-400, at no measurable cost in time).
+        # SmolLM2-135M: peak +190-220 MiB instead of 280-310 with one hand-back per block, in the same time).
         release_freed_memory()
         if i < last:  # the last block's outputs feed nothing
             with watch("block outputs"):
@@ -346,6 +346,9 @@ class _MaskRecorder:
             keep = self.pruner.prune(linear, stats, self.per_layer[i], self.pattern)
         else:
             keep = self.keeper.prune(full, linear, stats, self.per_layer[i], self.pattern)
+        self.record(full, keep)
+
+    def record(self, full: str, keep: torch.Tensor) -> None:
         self.masks[full] = keep.cpu() if self.pruner.device is not None else keep  # masks stay with the model
 
     def prune_shared(self, i: int, linears: dict[str, nn.Linear], stats) -> None:
@@ -356,7 +359,7 @@ class _MaskRecorder:
             return
         keeps = self.pruner.prune_shared(linears, stats, self.per_layer[i], self.pattern)
         for name, keep in keeps.items():
-            self.masks[f"{self.prefix}.{i}.{name}"] = keep.cpu() if self.pruner.device is not None else keep
+            self.record(f"{self.prefix}.{i}.{name}", keep)
 
     def prune_weights_only(self, layers: nn.ModuleList, progress: bool) -> None:
         """Prune every block from its weights alone (a pruner that collects no statistics)."""

@@ -113,7 +113,7 @@ def sparsegpt_prune(
     WT = weight.detach().float().t().contiguous()  # (cols, rows): WT[j] is column j of W
     cols, rows = WT.shape
     WT.mul_(~dead[:, None])
-    bounds = torch.tensor([0, *(segments or [rows])]).cumsum(0).tolist()
+    bounds = [0, *itertools.accumulate(segments or [rows])]
     if bounds[-1] != rows:
         raise ValueError(f"segments {segments} do not add up to the {rows} rows")
 
@@ -160,7 +160,9 @@ def sparsegpt_prune_shared(
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`sparsegpt_prune` of every matrix of ``weights`` (fed the same inputs: one H) in one sweep
-    over their stacked rows: the same result, a third of the column steps for q, k, v."""
+    over their stacked rows, a third of the column steps for q, k, v: the same masks, and the same
+    weights (bit for bit where the row counts are multiples of the SIMD width, as in released models;
+    else to float rounding, fused and plain multiply-adds falling on other rows)."""
     if len(weights) == 1:
         return [sparsegpt_prune(weights[0], H, sparsity, pattern, blocksize, percdamp, factor)]
     sizes = [w.shape[0] for w in weights]
