@@ -10,7 +10,7 @@ from torch import nn
 
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner
-from sppx.pruning.sparsegpt import Hessian, inverse_cholesky_upper, sparsegpt_prune
+from sppx.pruning.sparsegpt import Hessian, hessian_factor, inverse_cholesky_upper, sparsegpt_prune
 
 UNSTRUCTURED = SparsityPattern("unstructured")
 
@@ -96,6 +96,22 @@ def test_dead_inputs_get_zero_weights_and_no_nans():
     assert torch.isfinite(lin.weight).all()
     assert (lin.weight[:, [3, 17]] == 0).all()
     assert (lin.weight[~keep] == 0).all()
+
+
+def test_dead_inputs_count_as_one_in_the_factor_and_the_shared_hessian_is_left_alone():
+    _, x = layer_and_inputs(in_f=48)
+    x[:, [3, 17]] = 0.0
+    H = 2.0 / x.shape[0] * x.T @ x
+    before = H.clone()
+    U, dead = hessian_factor(H, 0.01)
+    assert torch.equal(H, before)  # q, k and v share it: the factor must not write into it
+    assert dead.nonzero().flatten().tolist() == [3, 17]
+    fixed = H.clone()
+    fixed[[3, 17], [3, 17]] = 1.0
+    damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(48)
+    torch.testing.assert_close(
+        U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-3, atol=1e-5
+    )
 
 
 def test_failed_cholesky_raises_damping_and_logs(caplog):
