@@ -102,6 +102,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -484,7 +485,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlim(-0.6, len(rows) - 0.4)  # room for a failed row's slot, which has no bar
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
