@@ -353,7 +353,7 @@ class _MaskRecorder:
 
     def prune_shared(self, i: int, linears: dict[str, nn.Linear], stats) -> None:
         """Prune Linears of block ``i`` fed the same inputs (one ``stats``) together; record their masks."""
-        if self.keeper is not None or len(linears) == 1:
+        if self.keeper is not None:  # the keeper masks one Linear at a time
             for name, linear in linears.items():
                 self.prune_linear(i, name, linear, stats)
             return

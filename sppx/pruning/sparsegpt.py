@@ -152,28 +152,6 @@ def sparsegpt_prune(
     return W.to(weight.dtype), keep.contiguous()
 
 
-@torch.no_grad()
-def sparsegpt_prune_shared(
-    weights: list[torch.Tensor],
-    H: torch.Tensor | None,
-    sparsity: float,
-    pattern: SparsityPattern,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`sparsegpt_prune` of every matrix of ``weights`` (fed the same inputs: one H) in one sweep
-    over their stacked rows, a third of the column steps for q, k, v: the same masks, and the same
-    weights (bit for bit where the row counts are multiples of the SIMD width, as in released models;
-    else to float rounding, fused and plain multiply-adds falling on other rows)."""
-    if len(weights) == 1:
-        return [sparsegpt_prune(weights[0], H, sparsity, pattern, blocksize, percdamp, factor)]
-    sizes = [w.shape[0] for w in weights]
-    stacked = torch.cat([w.detach() for w in weights])
-    W, keep = sparsegpt_prune(stacked, H, sparsity, pattern, blocksize, percdamp, factor, segments=sizes)
-    return list(zip(W.split(sizes), keep.split(sizes), strict=True))
-
-
 @dataclass
 class SparseGPTPruner(Pruner):
     """``pruner=sparsegpt``: ``blocksize`` columns per lazy-update block, ``percdamp`` Hessian damping."""
@@ -212,33 +190,36 @@ class SparseGPTPruner(Pruner):
     def prune(
         self, linear: nn.Linear, stats: Hessian, sparsity: float, pattern: SparsityPattern
     ) -> torch.Tensor:
+        return self.prune_shared({"linear": linear}, stats, sparsity, pattern)["linear"]
+
+    @torch.no_grad()
+    def prune_shared(
+        self, linears: dict[str, nn.Linear], stats: Hessian, sparsity: float, pattern: SparsityPattern
+    ) -> dict[str, torch.Tensor]:
+        """Linears fed the same inputs (q, k, v; gate, up) in one sweep over their stacked rows, a third of
+        the column steps for q, k, v: the same masks, and the same weights (bit for bit where the row
+        counts are multiples of the SIMD width, as in released models; else to float rounding, fused and
+        plain multiply-adds falling on other rows). Matrices of different dtypes or devices go one by one."""
+        weights = [linear.weight for linear in linears.values()]
+        if len({(w.dtype, w.device) for w in weights}) > 1:
+            return super().prune_shared(linears, stats, sparsity, pattern)
         self.check_pattern(pattern)
-        weight, keep = sparsegpt_prune(
-            linear.weight,
+        sizes = [w.shape[0] for w in weights]
+        stacked = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        pruned, keep = sparsegpt_prune(
+            stacked,
             stats.H,
             sparsity,
             pattern,
             self.blocksize,
             self.percdamp,
             factor=stats.factor(self.percdamp),
-        )
-        linear.weight.copy_(weight)
-        return keep.cpu()
-
-    @torch.no_grad()
-    def prune_shared(
-        self, linears: dict[str, nn.Linear], stats: Hessian, sparsity: float, pattern: SparsityPattern
-    ) -> dict[str, torch.Tensor]:
-        """Linears fed the same inputs (q, k, v; gate, up) in one stacked sweep (same dtype and device)."""
-        weights = [linear.weight for linear in linears.values()]
-        if len({(w.dtype, w.device) for w in weights}) > 1:
-            return super().prune_shared(linears, stats, sparsity, pattern)
-        self.check_pattern(pattern)
-        pruned = sparsegpt_prune_shared(
-            weights, stats.H, sparsity, pattern, self.blocksize, self.percdamp, stats.factor(self.percdamp)
+            segments=sizes,
         )
         keeps = {}
-        for (name, linear), (weight, keep) in zip(linears.items(), pruned, strict=True):
+        for (name, linear), weight, part in zip(
+            linears.items(), pruned.split(sizes), keep.split(sizes), strict=True
+        ):
             linear.weight.copy_(weight)
-            keeps[name] = keep.cpu()
+            keeps[name] = part.cpu()
         return keeps

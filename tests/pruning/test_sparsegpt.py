@@ -210,7 +210,9 @@ def test_prune_model_sweeps_each_set_of_linears_with_one_input_together(tiny):
     )
     per_block = [
         ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
     ]
     assert calls == per_block * len(decoder_layers(model))
     assert len(masks) == 7 * len(decoder_layers(model))
