@@ -6,7 +6,8 @@ its own fresh process by the same harness (scripts/peer_worker.py): the sppx wor
 ``--worker`` in sppx's virtualenv, the peer worker is peer_worker.py in ``--peer-python``'s (the peer's
 pins differ from ours). Each loads the very same fp32 weights (sppx's embedded SmolLM2-135M folder),
 sets ``--threads``, times the prune call alone (sppx: OWL's allocation, when asked, plus ``prune_model``;
-the peer: ``oneshot``), samples the resident set size during it, and saves the pruned Linear weights.
+the peer: ``oneshot``), samples the resident set size during it, and saves the pruned Linear weights
+(deleted once their row is measured, unless ``--keep-weights``).
 This process then puts each row's weights into the dense model and measures perplexity with sppx's
 protocol (the same evaluation windows for every row), the sparsity, and the pattern: N:M groups along
 the input dimension; for unstructured rows, whether every output row and every matrix holds exactly
@@ -181,6 +182,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/peer"))
     parser.add_argument("--peer-python", type=Path, default=Path(".venv-peer/bin/python"))
+    parser.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep every worker's pruned weights in <out>/work (about 400 MiB per run; by default each "
+        "row's are deleted once it is measured)",
+    )
     args = parser.parse_args()
     try:
         for text in [*args.patterns, *args.owl_patterns]:
@@ -330,6 +337,13 @@ def fastest_run(runs: list[dict]) -> dict:
         record["prune_s"] = min(r["prune_s"] for r in runs)
         record["peak_increase_mib"] = min(r["peak_increase_mib"] for r in runs)
     return record
+
+
+def drop_weights(method: str, pattern: str, work: Path) -> None:
+    """Delete a measured row's pruned weights (every tool, every run): a full sweep would leave GBs."""
+    for tool in TOOLS:
+        for path in work.glob(f"{row_name(tool, method, pattern)}*.safetensors"):
+            path.unlink()
 
 
 def measure_row(method, pattern, args, setup, console) -> dict[str, dict]:
@@ -526,6 +540,8 @@ def main() -> None:
         records = measure_row(method, pattern, args, setup, console)
         model.load_state_dict(dense_state)
         rows.append(combine(method, pattern, records, dense_ppl))
+        if not args.keep_weights:
+            drop_weights(method, pattern, work)
     info = (
         f"SmolLM2-135M, calibration {args.nsamples}x{args.seqlen} (batch {args.batch_size}), evaluation "
         f"{evals.shape[0]}x{args.seqlen}, dense ppl {dense_ppl:.2f}, {args.threads} threads per worker, "
