@@ -138,9 +138,23 @@ class PackedMasks(Mapping):
     def __init__(self) -> None:
         self.bits: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], torch.device]] = {}
+        self.reserved: dict[str, torch.Tensor] = {}
+
+    def reserve(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Allocate the bits of every mask to come in one buffer now. Masks recorded one by one while
+        pruning are small blocks that live on among the large temporaries of the forward passes; the C
+        allocator cannot give back or merge the memory around them, and its heap grows block after block."""
+        sizes = {name: (shape[0], (math.prod(shape[1:]) + 7) // 8) for name, shape in shapes.items()}
+        buffer = torch.empty(sum(rows * cols for rows, cols in sizes.values()), dtype=torch.uint8)
+        start = 0
+        for name, (rows, cols) in sizes.items():
+            self.reserved[name] = buffer[start : start + rows * cols].view(rows, cols)
+            start += rows * cols
 
     def __setitem__(self, name: str, keep: torch.Tensor) -> None:
-        self.bits[name] = pack_bits(keep.reshape(keep.shape[0], -1))
+        bits = pack_bits(keep.reshape(keep.shape[0], -1))
+        slot = self.reserved.pop(name, None)
+        self.bits[name] = bits if slot is None or slot.shape != bits.shape else slot.copy_(bits)
         self.shapes[name] = (tuple(keep.shape), keep.device)
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner
-from sppx.pruning.masks import lowest, nm_mask, per_matrix_mask, per_row_mask
+from sppx.pruning.masks import PackedMasks, lowest, nm_mask, per_matrix_mask, per_row_mask
 from sppx.pruning.wanda import cumulative_mask, wanda_scores
 
 UNSTRUCTURED = SparsityPattern()
@@ -175,3 +175,20 @@ def test_wanda_variant_is_refused_with_nm_patterns():
         WandaPruner(use_variant=True).check_pattern(SparsityPattern("nm", 2, 4), 0.5)
     with pytest.raises(ConfigError, match=r"^pruner\.use_variant='yes': must be true or false"):
         WandaPruner(use_variant="yes")
+
+
+def test_reserved_masks_are_packed_into_one_buffer_and_read_back_exactly():
+    torch.manual_seed(0)
+    keeps = {"a": torch.rand(5, 13) > 0.5, "b": torch.rand(3, 2, 8) > 0.3, "c": torch.rand(4, 9) > 0.5}
+    masks = PackedMasks()
+    masks.reserve({"a": (5, 13), "b": (3, 2, 8), "c": (2, 9)})  # c comes with another shape
+    for name, keep in keeps.items():
+        masks[name] = keep
+    masks["d"] = keeps["a"]  # not reserved
+    assert list(masks) == ["a", "b", "c", "d"]
+    for name, keep in {**keeps, "d": keeps["a"]}.items():
+        assert torch.equal(masks[name], keep)
+    storage = {name: bits.untyped_storage().data_ptr() for name, bits in masks.bits.items()}
+    assert storage["a"] == storage["b"] and len({storage["a"], storage["c"], storage["d"]}) == 3
+    assert masks.bits["a"].shape == (5, 2) and masks.bits["b"].shape == (3, 2)
+    assert not masks.reserved  # every reserved name recorded (c in memory of its own)

@@ -1,14 +1,17 @@
 """The sequential calibration engine: what each block's statistics see, and the masks it returns."""
 
+import contextlib
 import copy
 import math
+import platform
 
 import pytest
 import torch
 
 from sppx.anatomy import block_linears, decoder_layers, prunable_linears, sequential_groups
 from sppx.errors import ConfigError
-from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model
+from sppx.profiling import heap_reused
+from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model, sequential
 from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_block, run_blocks
 from sppx.pruning.wanda import wanda_scores
 
@@ -85,6 +88,10 @@ def test_masks_cover_every_target_and_zero_exactly_those_weights(tiny):
     for name, lin in linears.items():
         assert masks[name].dtype == torch.bool and masks[name].shape == lin.weight.shape
         assert torch.equal(lin.weight == 0, ~masks[name])
+    # Their bits were reserved before the first block, in one buffer (no small blocks left among the
+    # forward passes' temporaries), and every reserved slot was filled.
+    assert len({bits.untyped_storage().data_ptr() for bits in masks.bits.values()}) == 1
+    assert not masks.reserved
 
 
 def test_calibration_free_pruner_needs_no_data(tiny):
@@ -227,3 +234,24 @@ def test_run_blocks_leaves_the_callers_inputs_alone_and_feeds_each_block_the_las
     for h, e in zip(seen[1], expected, strict=True):
         torch.testing.assert_close(h, e, rtol=0, atol=0)
     assert len(seen) == len(layers)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap settings are glibc's")
+def test_the_block_walk_keeps_freed_memory_in_the_heap_and_hands_it_back_after(tiny, monkeypatch):
+    """glibc takes the settings, and run_blocks holds them around the whole walk (visits and outputs)."""
+    with heap_reused() as applied:
+        assert applied
+    events = []
+
+    @contextlib.contextmanager
+    def recording():
+        events.append("keep")
+        yield True
+        events.append("hand back")
+
+    monkeypatch.setattr(sequential, "heap_reused", recording)
+    model, _ = tiny
+    inputs = capture_block_inputs(model, torch.randint(0, 256, (4, 16)), 4)
+    with torch.no_grad():
+        run_blocks(decoder_layers(model), inputs, lambda i, b, x: events.append(f"visit {i}"), False, "t")
+    assert events == ["keep", "visit 0", "visit 1", "hand back"]
