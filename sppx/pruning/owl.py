@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from sppx.anatomy import block_linears, decoder_layers, resolve_targets
-from sppx.profiling import heap_reused
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
 from sppx.pruning.sequential import capture_block_inputs, collect_stats
@@ -58,15 +57,14 @@ def block_outlier_ratios(
     ratios: list[float] = []
     sizes: list[int] = []
     inputs = capture_block_inputs(model, calibration, batch_size)
-    with heap_reused():  # the same temporaries batch after batch (see sequential.run_blocks)
-        for block in bar(decoder_layers(model), desc="OWL outliers", disable=not progress, unit="block"):
-            linears = block_linears(block, targets)
-            outputs: list = []
-            stats = collect_stats(block, linears, counter, inputs, outputs=outputs)
-            inputs = outputs
-            norms = [s.norms for s in stats.values()]
-            ratios.append(outlier_ratio([lin.weight for lin in linears.values()], norms, m))
-            sizes.append(sum(lin.weight.numel() for lin in linears.values()))
+    for block in bar(decoder_layers(model), desc="OWL outliers", disable=not progress, unit="block"):
+        linears = block_linears(block, targets)
+        outputs: list = []
+        stats = collect_stats(block, linears, counter, inputs, outputs=outputs)
+        inputs = outputs
+        norms = [s.norms for s in stats.values()]
+        ratios.append(outlier_ratio([lin.weight for lin in linears.values()], norms, m))
+        sizes.append(sum(lin.weight.numel() for lin in linears.values()))
     return ratios, sizes
 
 
