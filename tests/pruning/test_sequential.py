@@ -237,8 +237,10 @@ def test_run_blocks_leaves_the_callers_inputs_alone_and_feeds_each_block_the_las
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap settings are glibc's")
-def test_the_block_walk_keeps_freed_memory_in_the_heap_and_hands_it_back_after(tiny, monkeypatch):
-    """glibc takes the settings, and run_blocks holds them around the whole walk (visits and outputs)."""
+@pytest.mark.parametrize("each_block", [False, True])
+def test_the_block_walk_keeps_freed_memory_in_the_heap_and_hands_it_back_after(tiny, monkeypatch, each_block):
+    """glibc takes the settings, and run_blocks holds them around the whole walk (visits and outputs);
+    with hand_back_each_block, the heap also goes back after each visit and each block's outputs."""
     with heap_reused() as applied:
         assert applied
     events = []
@@ -250,8 +252,17 @@ def test_the_block_walk_keeps_freed_memory_in_the_heap_and_hands_it_back_after(t
         events.append("hand back")
 
     monkeypatch.setattr(sequential, "heap_reused", recording)
+    monkeypatch.setattr(sequential, "release_freed_memory", lambda: events.append("trim"))
     model, _ = tiny
     inputs = capture_block_inputs(model, torch.randint(0, 256, (4, 16)), 4)
     with torch.no_grad():
-        run_blocks(decoder_layers(model), inputs, lambda i, b, x: events.append(f"visit {i}"), False, "t")
-    assert events == ["keep", "visit 0", "visit 1", "hand back"]
+        run_blocks(
+            decoder_layers(model),
+            inputs,
+            lambda i, b, x: events.append(f"visit {i}"),
+            False,
+            "t",
+            hand_back_each_block=each_block,
+        )
+    trims = ["trim"] if each_block else []
+    assert events == ["keep", "visit 0", *trims, *trims, "visit 1", *trims, "hand back"]

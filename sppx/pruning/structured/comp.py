@@ -298,7 +298,9 @@ class COMPPruner(OneShotStructured):
                     fits.append(self._choose_and_tune(structure, i, kind, linear, grams, budget))
 
         walk = nn.ModuleList([layers[i] for i in kept])
-        run_blocks(walk, inputs, visit, ctx.progress, "prune (comp)", watch)
+        # The visits keep their fits and kept units among the Gram matrices' temporaries: the freed heap
+        # goes back after every block (SmolLM2-135M at 20%: peak +213-233 MiB, +293 MiB without).
+        run_blocks(walk, inputs, visit, ctx.progress, "prune (comp)", watch, hand_back_each_block=True)
         return fits
 
     def _choose_and_tune(
