@@ -81,9 +81,10 @@ _MMAP_THRESHOLD = 32 * 2**20  # the ceiling glibc's own adaptive threshold reach
 def heap_reused():
     """Inside: memory the C allocator gets back stays in its heap for the next allocation; on exit it
     is handed back to the system. For a loop that allocates and frees the same large temporaries over
-    and over (the forward passes over calibration batches): by default glibc returns a freed block
-    above its trim threshold to the system at once, and the next one of the same size comes on fresh
-    pages, a page fault per 4 KiB (millions in a prune of SmolLM2-135M, seconds of its time).
+    and over (the forward passes over calibration batches): by default glibc unmaps a freed block
+    above its mmap threshold and trims the free top of its heap above its trim threshold (both adapt,
+    up to 32 / 64 MiB), so the next batch's temporaries come on fresh pages, a page fault per 4 KiB
+    (millions in a prune of SmolLM2-135M, seconds of its time).
 
     Blocks up to 32 MiB come from the heap (larger ones from mmap, as before), and the heap is not
     trimmed until the exit, where the thresholds stay fixed at glibc's adaptive ceilings (32 / 64 MiB).
