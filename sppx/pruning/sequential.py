@@ -24,6 +24,7 @@ from sppx.anatomy import (
     decoder_layers,
     family_of,
     layers_prefix,
+    prunable_linears,
     resolve_targets,
     sequential_groups,
 )
@@ -433,11 +434,7 @@ def prune_model(
     if calibration is None:
         raise ValueError(f"pruner {pruner.name} needs calibration windows")
     recorder.masks.reserve(
-        {
-            f"{prefix}.{i}.{name}": tuple(linear.weight.shape)
-            for i, block in enumerate(layers)
-            for name, linear in block_linears(block, targets).items()
-        }
+        {name: tuple(linear.weight.shape) for name, linear in prunable_linears(model, pruner.targets).items()}
     )
     with watch("capture"):
         captured = [capture_block_inputs(model, calibration, pruner.batch_size)]
