@@ -8,7 +8,7 @@ from torch import nn
 
 from sppx.errors import ConfigError
 from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner
-from sppx.pruning.masks import PackedMasks, lowest, nm_mask, per_matrix_mask, per_row_mask
+from sppx.pruning.masks import PackedMasks, kth_smallest, lowest, nm_mask, per_matrix_mask, per_row_mask
 from sppx.pruning.wanda import cumulative_mask, wanda_scores
 
 UNSTRUCTURED = SparsityPattern()
@@ -127,6 +127,31 @@ def test_lowest_selects_exactly_what_a_stable_sort_does_ties_included():
         dim = trial % 2
         k = int(torch.randint(0, shape[dim] + 1, (1,), generator=gen))
         assert torch.equal(lowest(scores, k, dim), stable_sort_lowest(scores, k, dim)), (scores, k, dim)
+
+
+@pytest.mark.parametrize(
+    "dtype, width",
+    [
+        (torch.float32, 4),  # groups of four: the min/max network
+        (torch.float32, 9),  # NumPy's selection
+        (torch.float64, 7),
+        (torch.bfloat16, 9),  # torch.kthvalue
+        (torch.int64, 4),
+    ],
+)
+def test_kth_smallest_gives_kthvalues_values_on_every_path(dtype, width):
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        scores = torch.randint(0, 5, (3, 5, width), generator=gen).to(dtype)  # many ties
+        if trial % 3 == 0:
+            scores = torch.rand(3, 5, width, generator=gen).to(dtype)
+        if trial % 5 == 0 and dtype.is_floating_point:  # NaN goes last, as kthvalue orders it
+            scores[0, 1, trial % width] = float("nan")
+        for dim in (2, 0, -1):
+            for k in range(1, scores.shape[dim] + 1):
+                expected = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
+                got = kth_smallest(scores, k, dim)
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("sparsity", [0.6, 0.55, 0.123])
