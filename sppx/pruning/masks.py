@@ -72,8 +72,8 @@ def kth_smallest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
     Groups of four (2:4 and the other N:4) take a min/max network; fp32 / fp64 CPU tensors take NumPy's
     introselect, which does not carry indices along. On SmolLM2-135M's pruned Linears, 2 threads, this
-    takes 0.17 s per row, 0.13 s per matrix and 0.14 s in 2:4 groups, against kthvalue's 0.56, 1.00 and
-    0.51 s (scripts/bench_selection.py). NaN orders last, as in ``torch.kthvalue`` (NumPy does the same;
+    takes 0.17-0.18 s per row, 0.13 s per matrix and 0.14 s in 2:4 groups, against kthvalue's 0.55-0.57,
+    1.01 and 0.52 s (scripts/bench_selection.py). NaN orders last, as in ``torch.kthvalue`` (NumPy does the same;
     the network falls back to kthvalue on a NaN).
     """
     dim = dim % scores.dim()
