@@ -13,6 +13,7 @@ from sppx.errors import ConfigError, is_number, require, require_positive_int
 from sppx.pruning.masks import SparsityPattern
 
 ALLOCATIONS = ("uniform", "owl")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}  # besides null: the weights' own dtype
 
 
 def check_device(key: str, device) -> None:
@@ -47,6 +48,7 @@ class Pruner:
     owl_lambda: float = 0.08  # OWL: block sparsities span target +- lambda
     device: str | None = None  # where each block is pruned (the model stays where it was loaded)
     allow_empty: bool = False  # a mask that prunes a whole matrix stops the run unless this is true
+    compute_dtype: str | None = None  # bfloat16: calibration forwards' matrix products in bf16 (autocast)
 
     name = "base"
     collects_stats = False  # True: statistics of each Linear's inputs are collected block by block
@@ -82,6 +84,17 @@ class Pruner:
             self.owl_lambda,
             "must be a number in [0, 0.5)",
         )
+        require(
+            self.compute_dtype is None or self.compute_dtype in COMPUTE_DTYPES,
+            "pruner.compute_dtype",
+            self.compute_dtype,
+            f"allowed: null (the weights' own dtype), {', '.join(COMPUTE_DTYPES)}",
+        )
+
+    @property
+    def forward_dtype(self) -> torch.dtype | None:
+        """The dtype the calibration forwards compute in under autocast (None: the weights' own)."""
+        return None if self.compute_dtype is None else COMPUTE_DTYPES[self.compute_dtype]
 
     @property
     def needs_calibration(self) -> bool:

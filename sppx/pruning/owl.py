@@ -48,10 +48,17 @@ def owl_sparsities(
 
 @torch.no_grad()
 def block_outlier_ratios(
-    model: nn.Module, targets: list[str], calibration: torch.Tensor, m: float, batch_size: int, progress: bool
+    model: nn.Module,
+    targets: list[str],
+    calibration: torch.Tensor,
+    m: float,
+    batch_size: int,
+    progress: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[int]]:
     """OWL's outlier ratio of every decoder block of the dense model, and its prunable weight count.
-    One pass: each block's input norms are collected while it computes the next block's inputs."""
+    One pass: each block's input norms are collected while it computes the next block's inputs (in
+    ``compute_dtype``, see :func:`~sppx.pruning.sequential.forward_precision`)."""
     targets = resolve_targets(model, targets)
     counter = _Norms(targets=targets, batch_size=batch_size)
     ratios: list[float] = []
@@ -60,7 +67,7 @@ def block_outlier_ratios(
     for block in bar(decoder_layers(model), desc="OWL outliers", disable=not progress, unit="block"):
         linears = block_linears(block, targets)
         outputs: list = []
-        stats = collect_stats(block, linears, counter, inputs, outputs=outputs)
+        stats = collect_stats(block, linears, counter, inputs, outputs, compute_dtype)
         inputs = outputs
         norms = [s.norms for s in stats.values()]
         ratios.append(outlier_ratio([lin.weight for lin in linears.values()], norms, m))
@@ -82,6 +89,6 @@ def layer_sparsities(
     if calibration is None:
         raise ValueError("allocation=owl needs calibration windows")
     ratios, sizes = block_outlier_ratios(
-        model, pruner.targets, calibration, pruner.owl_m, pruner.batch_size, progress
+        model, pruner.targets, calibration, pruner.owl_m, pruner.batch_size, progress, pruner.forward_dtype
     )
     return owl_sparsities(ratios, target, pruner.owl_lambda, sizes)

@@ -99,7 +99,8 @@ class _StatsHooks:
             x = args[0]
             self.share(name, self.first_fed(name, x))
             if self.owner[name] == name and self.stats[name] is not None:
-                self.stats[name].add(x)
+                with torch.autocast(x.device.type, enabled=False):  # statistics stay fp32 under autocast
+                    self.stats[name].add(x)
             self.pending.discard(name)
             if not self.pending and self.stop_early:
                 raise _StopBlock
@@ -107,9 +108,23 @@ class _StatsHooks:
         return pre_hook
 
 
+def forward_precision(block: nn.Module, compute_dtype: torch.dtype | None):
+    """Where a calibration forward of ``block`` runs: in its weights' own dtype (``compute_dtype`` None),
+    or with its matrix products and attention in ``compute_dtype`` under autocast (weights, the hidden
+    states between blocks and every statistic stay as they are)."""
+    if compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(block.parameters()).device.type, dtype=compute_dtype)
+
+
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, linears: dict[str, nn.Linear], pruner: Pruner, inputs, outputs: list | None = None
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    pruner: Pruner,
+    inputs,
+    outputs: list | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict:
     """Run ``block`` over every calibration mini-batch, feeding each Linear's inputs to its statistics.
 
@@ -117,7 +132,7 @@ def collect_stats(
     end and its outputs are appended, paired with the keyword arguments), the forward is cut short as
     soon as the last needed input has arrived: measuring q..down of a Llama block skips the down
     projection. Linears fed the very same tensor (q, k, v; gate, up) share one accumulator, so a
-    Hessian is built once per distinct input.
+    Hessian is built once per distinct input. ``compute_dtype``: see :func:`forward_precision`.
     """
     state = _StatsHooks(linears, pruner, stop_early=outputs is None)
     hooks = [lin.register_forward_pre_hook(state.hook(name)) for name, lin in linears.items()]
@@ -125,12 +140,13 @@ def collect_stats(
         for hidden, kwargs in inputs:
             state.start_batch()
             try:
-                out = block(hidden, **kwargs_for(block, kwargs))
+                with forward_precision(block, compute_dtype):
+                    out = block_output(block(hidden, **kwargs_for(block, kwargs)))
             except _StopBlock:
                 pass
             else:
                 state.check_all_fed()
-                outputs.append((block_output(out), kwargs))
+                outputs.append((out.to(hidden.dtype), kwargs))
             state.end_batch()
     finally:
         for h in hooks:
@@ -167,9 +183,14 @@ def kwargs_for(block: nn.Module, kwargs: dict) -> dict:
     return own.get(block, kwargs) if own else kwargs
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The hidden states ``block`` outputs for ``hidden`` (called with its own keyword arguments)."""
-    return block_output(block(hidden, **kwargs_for(block, kwargs)))
+def run_block(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The hidden states ``block`` outputs for ``hidden`` (called with its own keyword arguments), in
+    ``hidden``'s dtype; ``compute_dtype``: see :func:`forward_precision`."""
+    with forward_precision(block, compute_dtype):
+        out = block_output(block(hidden, **kwargs_for(block, kwargs)))
+    return out.to(hidden.dtype)
 
 
 def layers_differ(model: nn.Module) -> bool:
@@ -276,6 +297,7 @@ def run_blocks(
     after=None,
     device: str | torch.device | None = None,
     hand_back_each_block: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Walk the decoder blocks in order: ``visit(i, block, inputs)`` (measure, prune) and then the
     block's outputs over all calibration mini-batches become the next block's inputs; ``after(i)``
@@ -290,7 +312,8 @@ def run_blocks(
     fewer, see heap_reused). That holds while a visit leaves nothing small and long-lived among them
     (the pruning engine reserves its masks' memory up front): such blocks pin the freed memory around
     them and the heap grows. A visit that does keep such results passes ``hand_back_each_block``: the
-    freed heap then goes back to the system after the visit and after the outputs of every block."""
+    freed heap then goes back to the system after the visit and after the outputs of every block.
+    ``compute_dtype``: the precision of the output passes, see :func:`forward_precision`."""
     watch = watch or Stopwatch()
     last = len(layers) - 1
     inputs = to_device(inputs, torch.device(device)) if device is not None else list(inputs)
@@ -305,7 +328,7 @@ def run_blocks(
             if i < last:  # the last block's outputs feed nothing
                 with watch("block outputs"):
                     for b, (hidden, kwargs) in enumerate(inputs):  # a batch's inputs go as its outputs come
-                        inputs[b] = (run_block(block, hidden, kwargs), kwargs)
+                        inputs[b] = (run_block(block, hidden, kwargs, compute_dtype), kwargs)
                         del hidden
                 hand_back()
             if after is not None:
@@ -393,7 +416,9 @@ class _MaskRecorder:
             # With true_sequential, each group's statistics see the already pruned earlier groups.
             group_linears = {name: linears[name] for name in group}
             with self.watch("statistics"):
-                stats = collect_stats(block, group_linears, self.pruner, inputs)
+                stats = collect_stats(
+                    block, group_linears, self.pruner, inputs, compute_dtype=self.pruner.forward_dtype
+                )
             with self.watch("masks"):
                 for names in shared_inputs(stats):
                     self.prune_shared(i, {name: group_linears[name] for name in names}, stats[names[0]])
@@ -447,5 +472,6 @@ def prune_model(
         watch,
         after=keeper.restore if keeper is not None else None,
         device=pruner.device,
+        compute_dtype=pruner.forward_dtype,
     )
     return recorder.masks

@@ -11,7 +11,14 @@ import torch
 from sppx.anatomy import block_linears, decoder_layers, prunable_linears, sequential_groups
 from sppx.errors import ConfigError
 from sppx.profiling import heap_reused
-from sppx.pruning import MagnitudePruner, SparsityPattern, WandaPruner, prune_model, sequential
+from sppx.pruning import (
+    MagnitudePruner,
+    SparseGPTPruner,
+    SparsityPattern,
+    WandaPruner,
+    prune_model,
+    sequential,
+)
 from sppx.pruning.sequential import capture_block_inputs, collect_stats, run_block, run_blocks
 from sppx.pruning.wanda import wanda_scores
 
@@ -266,3 +273,63 @@ def test_the_block_walk_keeps_freed_memory_in_the_heap_and_hands_it_back_after(t
         )
     trims = ["trim"] if each_block else []
     assert events == ["keep", "visit 0", *trims, *trims, "visit 1", *trims, "hand back"]
+
+
+@pytest.mark.parametrize("pruner_cls", [WandaPruner, SparseGPTPruner])
+def test_bf16_compute_multiplies_in_bf16_and_keeps_hidden_states_statistics_and_weights_fp32(
+    tiny, pruner_cls
+):
+    """compute_dtype=bfloat16: every targeted Linear's product comes out bf16 in both passes, while the
+    hidden states between blocks, the statistics (accumulated outside autocast) and the weights stay
+    fp32; each matrix keeps exactly half, and the masks are nearly those of the fp32 run (rounding only)."""
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    expected = prune_model(copy.deepcopy(model), pruner_cls(), 0.5, SparsityPattern(), calib, progress=False)
+
+    class Checked(pruner_cls):
+        def new_stats(self, linear):
+            stats = super().new_stats(linear)
+            add = stats.add
+
+            def checked_add(x):
+                assert not torch.is_autocast_enabled("cpu"), "statistics accumulated under autocast"
+                add(x)
+
+            stats.add = checked_add
+            return stats
+
+    products, block_inputs = set(), set()
+    linears = prunable_linears(model, TARGETS).values()
+    hooks = [lin.register_forward_hook(lambda _m, _a, out: products.add(out.dtype)) for lin in linears]
+    hooks += [
+        block.register_forward_pre_hook(lambda _m, args: block_inputs.add(args[0].dtype))
+        for block in decoder_layers(model)
+    ]
+    masks = prune_model(
+        model, Checked(compute_dtype="bfloat16"), 0.5, SparsityPattern(), calib, progress=False
+    )
+    for h in hooks:
+        h.remove()
+    assert products == {torch.bfloat16} and block_inputs == {torch.float32}
+    assert {lin.weight.dtype for lin in linears} == {torch.float32}
+    agree = sum(int((masks[k] == expected[k]).sum()) for k in masks) / sum(m.numel() for m in masks.values())
+    assert agree > 0.99
+    for name, keep in masks.items():
+        assert int(keep.sum()) == keep.numel() // 2, name
+        weight = prunable_linears(model, TARGETS)[name].weight
+        assert torch.equal(weight != 0, keep), name  # exactly the pruned weights are zero
+
+
+def test_the_default_compute_dtype_leaves_the_forwards_in_fp32_and_others_are_refused(tiny):
+    model, _ = tiny
+    products = set()
+    hooks = [
+        lin.register_forward_hook(lambda _m, _a, out: products.add(out.dtype))
+        for lin in prunable_linears(model, TARGETS).values()
+    ]
+    prune_model(model, WandaPruner(), 0.5, SparsityPattern(), torch.randint(0, 256, (4, 16)), progress=False)
+    for h in hooks:
+        h.remove()
+    assert products == {torch.float32}
+    with pytest.raises(ConfigError, match=r"^pruner\.compute_dtype='float16': allowed: null .*, bfloat16$"):
+        WandaPruner(compute_dtype="float16")
