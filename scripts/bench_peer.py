@@ -39,6 +39,11 @@ Settings matched (peer code: llmcompressor 0.14.0.1):
   dampening_frac; sgpt_sparsify.py sparsify_weight), 128 columns per block (blocksize / block_size),
   dead inputs' weights zeroed, the same OBS column sweep and lazy block updates, in fp32.
 - OWL: M = 5, lambda = 0.08 (sppx owl_m / owl_lambda, the peer's owl_m / owl_lmbda), target 70%.
+- Precision: fp32 throughout by default. ``--precision bf16`` gives both bf16 matrix products, each
+  tool its own way: sppx keeps the fp32 weights and runs the calibration forwards under bf16 autocast
+  (``pruner.compute_dtype=bfloat16``: hidden states between blocks, statistics, weight updates and the
+  saved weights stay fp32); the peer loads the model in bf16 (its documented route), so everything it
+  computes and the weights it saves are bf16 (the evaluation reads them into the fp32 model).
 - Pipeline and options are explicit: pipeline="sequential" (oneshot's default is "independent"),
   sequential_targets = the decoder layer class, dampening_frac=0.01 (the modifier's default; its
   docstring example says 0.001), block_size=128, ignore=[].
@@ -88,6 +93,7 @@ Differences that remain (each is the peer's code as shipped; none can be set fro
 Writes peer.csv, peer.md and peer.png (perplexity, prune time and peak memory per row, both tools) under --out.
 
     python scripts/bench_peer.py --peer-python .venv-peer/bin/python --repeats 2  # all rows (make bench-peer)
+    python scripts/bench_peer.py --peer-python .venv-peer/bin/python --repeats 2 --precision bf16
     python scripts/bench_peer.py --methods wanda --patterns 2:4 --nsamples 4 --eval-windows 4  # smoke
     python scripts/bench_peer.py --tools sppx --methods sparsegpt --patterns 50%
 """
@@ -133,6 +139,7 @@ def sppx_prepare(model, ids: torch.Tensor, args):
     options = dict(
         batch_size=args.batch_size,
         allocation="owl" if args.owl else "uniform",
+        compute_dtype=args.compute_dtype,
         owl_m=float(OWL_M),
         owl_lambda=OWL_LAMBDA,
     )
@@ -170,6 +177,13 @@ def parse_args() -> argparse.Namespace:
         choices=["sdpa", "eager"],
         default="sdpa",
         help="sppx's attention kernel (sdpa: the model's default, as run.py; eager: the peer's)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: both tools calibrate with bf16 matrix products, each its own way (sppx: "
+        "pruner.compute_dtype=bfloat16 on the fp32 weights; the peer: the model loaded in bf16)",
     )
     parser.add_argument(
         "--repeats",
@@ -236,6 +250,8 @@ def run_worker_process(
     command += ["--method", base, "--pattern", pattern, "--threads", str(args.threads)]
     command += ["--batch-size", str(args.batch_size), "--out", str(out), *(["--owl"] if owl else [])]
     command += ["--attention", args.sppx_attention if tool == "sppx" else "eager"]
+    if args.precision == "bf16":
+        command += ["--compute-dtype", "bfloat16"] if tool == "sppx" else ["--load-dtype", "bfloat16"]
     # The same environment for both: thread pools capped, offline (the model is a local folder).
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -546,6 +562,11 @@ def main() -> None:
         f"SmolLM2-135M, calibration {args.nsamples}x{args.seqlen} (batch {args.batch_size}), evaluation "
         f"{evals.shape[0]}x{args.seqlen}, dense ppl {dense_ppl:.2f}, {args.threads} threads per worker, "
         f"attention sppx {args.sppx_attention} / peer eager"
+        + (
+            ", bf16 products (sppx autocast on fp32 weights, the peer's model in bf16)"
+            if args.precision == "bf16"
+            else ""
+        )
         + (f", best of {args.repeats} runs" if args.repeats > 1 else "")
     )
     report(rows, args, info, console)

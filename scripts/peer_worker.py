@@ -68,16 +68,30 @@ def worker_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     parser.add_argument("--out", required=True, help="output prefix: <out>.json and <out>.safetensors")
     parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager", help="attn_implementation")
+    parser.add_argument(
+        "--load-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the dtype the model loads in",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["bfloat16"],
+        default=None,
+        help="sppx's pruner.compute_dtype (fp32 weights)",
+    )
     args = parser.parse_args(argv)
     args.n, args.m, args.sparsity = parse_pattern(args.pattern)
     return args
 
 
-def load_model(folder: str, attention: str = "eager"):
-    """fp32, ``attention`` (the peer forces eager while calibrating; sppx runs with the model's default,
+def load_model(folder: str, attention: str = "eager", dtype: str = "float32"):
+    """``dtype`` (fp32 by default), ``attention`` (the peer forces eager while calibrating; sppx runs with the model's default,
     sdpa), no KV cache, eval mode, and every tensor copied into the process's own memory: a write to a
     page still mapped from the safetensors file costs a page fault, which would be timed as pruning."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype), attn_implementation=attention
+    )
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
@@ -191,7 +205,7 @@ def read_tokens(path: str) -> torch.Tensor:
 
 def prune_and_measure(prepare, args, record: dict) -> None:
     """Load, prepare (untimed), prune (timed, peak RSS sampled), check, save the weights."""
-    model = load_model(args.model_dir, args.attention)
+    model = load_model(args.model_dir, args.attention, args.load_dtype)
     ids = read_tokens(args.tokens)
     linears = decoder_projections(model)
     zeros_before = untargeted_zeros(model, linears)
@@ -209,6 +223,8 @@ def prune_and_measure(prepare, args, record: dict) -> None:
         calibration_seen=witness.verdict(ids),
         untargeted_new_zeros=untargeted_zeros(model, linears) - zeros_before,
         attn_implementation=model.config._attn_implementation,
+        load_dtype=args.load_dtype,
+        compute_dtype=args.compute_dtype,
         **info,
     )
     weights = {f"{name}.weight": lin.weight.detach().contiguous() for name, lin in linears.items()}
