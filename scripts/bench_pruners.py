@@ -13,6 +13,7 @@ as markers) under the output directory.
     python scripts/bench_pruners.py --pruners wanda sparsegpt --patterns 50% 2:4
     python scripts/bench_pruners.py --model tiny-llama --eval-windows 4  # a smoke test
     python scripts/bench_pruners.py --profile                          # where Wanda/SparseGPT spend time
+    python scripts/bench_pruners.py --pruners wanda wanda+bf16 --patterns 50% 2:4  # fp32 vs bf16 products
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ PRUNERS = {
     "wanda": lambda bs: WandaPruner(batch_size=bs),
     "wanda+variant": lambda bs: WandaPruner(batch_size=bs, use_variant=True),
     "wanda+owl": lambda bs: WandaPruner(batch_size=bs, allocation="owl"),
+    "wanda+bf16": lambda bs: WandaPruner(batch_size=bs, compute_dtype="bfloat16"),
     "sparsegpt": lambda bs: SparseGPTPruner(batch_size=bs),
+    "sparsegpt+bf16": lambda bs: SparseGPTPruner(batch_size=bs, compute_dtype="bfloat16"),
     "sparsegpt+owl": lambda bs: SparseGPTPruner(batch_size=bs, allocation="owl"),
 }
 DEFAULT_PRUNERS = ["magnitude", "wanda", "wanda+owl", "sparsegpt", "sparsegpt+owl"]
