@@ -86,9 +86,10 @@ def worker_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(folder: str, attention: str = "eager", dtype: str = "float32"):
-    """``dtype`` (fp32 by default), ``attention`` (the peer forces eager while calibrating; sppx runs with the model's default,
-    sdpa), no KV cache, eval mode, and every tensor copied into the process's own memory: a write to a
-    page still mapped from the safetensors file costs a page fault, which would be timed as pruning."""
+    """``dtype`` (fp32 by default), ``attention`` (the peer forces eager while calibrating; sppx runs with
+    the model's default, sdpa), no KV cache, eval mode, and every tensor copied into the process's own
+    memory: a write to a page still mapped from the safetensors file costs a page fault, which would be
+    timed as pruning."""
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, dtype), attn_implementation=attention
     )
