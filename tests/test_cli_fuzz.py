@@ -1,7 +1,8 @@
 """Hostile and malformed command lines: each ends with exactly one ``sppx: error:`` line (exit 2 when it is
 known before any weights are read, 1 otherwise), no traceback, nothing written for bad input, and no
-output that claims success. The cases run through ``run.py``'s own entry point inside one subprocess
-(one interpreter start for all of them); the test prints how many ran."""
+output that claims success. The cases run through ``run.py``'s own entry point, a share of them per
+subprocess (one interpreter start per share; the shares are separate tests, so ``pytest -n`` runs them
+side by side); each prints how many ran."""
 
 import json
 import subprocess
@@ -207,11 +208,25 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.slow
-def test_hostile_command_lines_end_with_one_clear_line_and_write_nothing(tmp_path, text_file):
-    base = tiny_run_overrides(text_file)
-    cases = [*CASES, *GENERATED, *LATER, *file_cases(tmp_path / "files")]
+SHARES = 4  # each hostile command line goes to exactly one share: case i to share i % SHARES
+
+
+def all_cases(tmp_path) -> list[list[str]]:
+    return [*CASES, *GENERATED, *LATER, *file_cases(tmp_path / "files")]
+
+
+def test_the_shares_cover_every_case_once(tmp_path):
+    cases = all_cases(tmp_path)
     assert len(cases) >= 200
+    shares = [cases[share::SHARES] for share in range(SHARES)]
+    assert sum(len(s) for s in shares) == len(cases) and all(shares)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", range(SHARES))
+def test_hostile_command_lines_end_with_one_clear_line_and_write_nothing(tmp_path, text_file, share):
+    base = tiny_run_overrides(text_file)
+    cases = all_cases(tmp_path)[share::SHARES]
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(base), json.dumps(cases), str(tmp_path)],
         cwd=ROOT,
@@ -240,5 +255,5 @@ def test_hostile_command_lines_end_with_one_clear_line_and_write_nothing(tmp_pat
             problems.append(f"{case}: results.json claims success")
         if (run_dir / "model").exists():
             problems.append(f"{case}: a model/ was written")
-    print(f"{len(cases)} hostile command lines, each ended in one error line")
+    print(f"{len(cases)} hostile command lines (share {share}), each ended in one error line")
     assert not problems, f"{len(problems)} of {len(cases)} cases:\n" + "\n".join(problems)
