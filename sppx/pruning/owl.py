@@ -16,7 +16,7 @@ from torch import nn
 from sppx.anatomy import block_linears, decoder_layers, resolve_targets
 from sppx.progress import bar
 from sppx.pruning.base import Pruner
-from sppx.pruning.sequential import capture_block_inputs, collect_stats
+from sppx.pruning.sequential import capture_block_inputs, collect_stats, warn_if_emulated
 from sppx.pruning.wanda import InputNorms, wanda_scores
 
 
@@ -88,6 +88,9 @@ def layer_sparsities(
         return [float(target)] * blocks
     if calibration is None:
         raise ValueError("allocation=owl needs calibration windows")
+    warn_if_emulated(
+        pruner.forward_dtype, next(model.parameters()).device
+    )  # the pass runs where the model is
     ratios, sizes = block_outlier_ratios(
         model, pruner.targets, calibration, pruner.owl_m, pruner.batch_size, progress, pruner.forward_dtype
     )

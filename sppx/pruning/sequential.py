@@ -10,6 +10,7 @@ it. Only one block's activations for the calibration set (its inputs and outputs
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Mapping
@@ -115,6 +116,30 @@ def forward_precision(block: nn.Module, compute_dtype: torch.dtype | None):
     if compute_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(next(block.parameters()).device.type, dtype=compute_dtype)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles). Without them
+    (an AVX2-only CPU) PyTorch emulates bf16 products, far slower than fp32 ones: on a 2-core AMD EPYC,
+    1.2 against 72 GFLOP/s for (2048 x 576) @ (576 x 1536)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def warn_if_emulated(compute_dtype: torch.dtype | None, device: torch.device) -> None:
+    """Log a warning (once per process) when bf16 products were asked for on a CPU that only emulates
+    them."""
+    if compute_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul():
+        warn_emulated_bf16()
+
+
+@functools.cache
+def warn_emulated_bf16() -> None:
+    log.warning(
+        "pruner.compute_dtype=bfloat16: this CPU has no bf16 matrix instructions (AVX512-BF16 or "
+        "AMX), so its bf16 products are emulated and much slower than fp32 ones; the default "
+        "(pruner.compute_dtype=null) is faster here"
+    )
 
 
 @torch.no_grad()
@@ -461,6 +486,7 @@ def prune_model(
     recorder.masks.reserve(
         {name: tuple(linear.weight.shape) for name, linear in prunable_linears(model, pruner.targets).items()}
     )
+    warn_if_emulated(pruner.forward_dtype, torch.device(pruner.device or next(model.parameters()).device))
     with watch("capture"):
         captured = [capture_block_inputs(model, calibration, pruner.batch_size)]
     run_blocks(

@@ -333,3 +333,33 @@ def test_the_default_compute_dtype_leaves_the_forwards_in_fp32_and_others_are_re
     assert products == {torch.float32}
     with pytest.raises(ConfigError, match=r"^pruner\.compute_dtype='float16': allowed: null .*, bfloat16$"):
         WandaPruner(compute_dtype="float16")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_warns_once_before_the_work(tiny, monkeypatch, caplog, native):
+    """Without bf16 matrix instructions (an AVX2-only CPU) the products are emulated, slower than fp32:
+    one warning per process, logged before the first block is measured; none with native bf16 or fp32."""
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(sequential, "cpu_has_bf16_matmul", lambda: native)
+    sequential.warn_emulated_bf16.cache_clear()
+    captured = []
+    real_capture = sequential.capture_block_inputs
+
+    def capture(*args, **kwargs):
+        captured.append(len(caplog.records))  # warnings logged before the heavy work starts
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "capture_block_inputs", capture)
+    with caplog.at_level("WARNING", logger="sppx.pruning.sequential"):
+        prune_model(copy.deepcopy(model), WandaPruner(), 0.5, SparsityPattern(), calib, progress=False)
+        for _ in range(2):
+            pruner = WandaPruner(compute_dtype="bfloat16")
+            prune_model(copy.deepcopy(model), pruner, 0.5, SparsityPattern(), calib, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("pruner.compute_dtype=bfloat16: this CPU has no")
+        assert captured == [0, 1, 1]  # the fp32 prune warned nothing, the first bf16 one before capturing
+    sequential.warn_emulated_bf16.cache_clear()
