@@ -215,11 +215,10 @@ def all_cases(tmp_path) -> list[list[str]]:
     return [*CASES, *GENERATED, *LATER, *file_cases(tmp_path / "files")]
 
 
-def test_the_shares_cover_every_case_once(tmp_path):
+def test_at_least_200_hostile_command_lines_in_shares_of_50(tmp_path):
     cases = all_cases(tmp_path)
     assert len(cases) >= 200
-    shares = [cases[share::SHARES] for share in range(SHARES)]
-    assert sum(len(s) for s in shares) == len(cases) and all(shares)
+    assert all(len(cases[share::SHARES]) >= 50 for share in range(SHARES))
 
 
 @pytest.mark.slow

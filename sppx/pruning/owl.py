@@ -88,9 +88,8 @@ def layer_sparsities(
         return [float(target)] * blocks
     if calibration is None:
         raise ValueError("allocation=owl needs calibration windows")
-    warn_if_emulated(
-        pruner.forward_dtype, next(model.parameters()).device
-    )  # the pass runs where the model is
+    # OWL's pass runs where the model is (pruner.device moves blocks only for the prune itself).
+    warn_if_emulated(pruner.forward_dtype, next(model.parameters()).device)
     ratios, sizes = block_outlier_ratios(
         model, pruner.targets, calibration, pruner.owl_m, pruner.batch_size, progress, pruner.forward_dtype
     )
