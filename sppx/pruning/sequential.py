@@ -121,7 +121,9 @@ def forward_precision(block: nn.Module, compute_dtype: torch.dtype | None):
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles). Without them
     (an AVX2-only CPU) PyTorch emulates bf16 products, far slower than fp32 ones: on a 2-core AMD EPYC,
-    10 against 66 GFLOP/s for a (2048 x 576) input to a 576 -> 1536 Linear."""
+    10 against 66 GFLOP/s for a (2048 x 576) input to a 576 -> 1536 Linear. The checks are torch.cpu's
+    own (underscored) probes; a torch without them counts as no bf16 instructions (a warning, nothing
+    else)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
