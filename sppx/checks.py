@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, ListConfig
 
 from sppx.errors import ConfigError, is_int, is_number, require
 
@@ -120,3 +121,53 @@ def check_logger_paths(logger: DictConfig, output_dir: Path) -> None:
         parts.append(text)
     if not inside(Path(*parts).expanduser(), output_dir):
         raise ConfigError("logger", "/".join(parts), f"must write inside the run folder {output_dir}")
+
+
+def check_device(key: str, device, unset: str = "null") -> None:
+    """``unset`` (``null``: where the model is; ``auto``) or a torch device this machine has (``cpu``,
+    ``cuda``, ``cuda:1``)."""
+    if device is None or device == unset:
+        return
+    allowed = f"must be {unset}, cpu, cuda or cuda:<index>"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(key, device, allowed) from None
+    require(parsed.type in ("cpu", "cuda"), key, device, allowed)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        require(
+            count > 0 and (parsed.index or 0) < count,
+            key,
+            device,
+            f"this machine has {count} CUDA device(s); use {unset} or cpu",
+        )
+
+
+def single_process(trainer: DictConfig) -> bool:
+    """Whether tuning runs in one process (``trainer.devices`` 1); several each take their own device."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, ListConfig | list):
+        return len(devices) == 1
+    return devices in (1, "1")
+
+
+def resolve_device(device, trainer: DictConfig) -> torch.device:
+    """Where the model lives between stages (``device``). ``auto``: the first CUDA GPU when this machine
+    has one and tuning may use it in one process (``trainer.accelerator`` auto, gpu or cuda; ``trainer.devices``
+    1), else the CPU."""
+    require(device is not None, "device", device, "must be auto, cpu, cuda or cuda:<index>")
+    check_device("device", device, unset="auto")
+    if device != "auto":
+        parsed = torch.device(device)
+        require(
+            parsed.type == "cpu" or single_process(trainer),
+            "device",
+            device,
+            f"cannot hold the model for trainer.devices={trainer.get('devices')}: each tuning process takes "
+            "its own device; use device=auto or cpu",
+        )
+        return parsed
+    accelerator = trainer.get("accelerator", "auto")
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and single_process(trainer) and torch.cuda.is_available()
+    return torch.device("cuda", 0) if on_gpu else torch.device("cpu")

@@ -56,5 +56,5 @@ def test_eval_speed_reports_the_final_model_against_a_fresh_dense_copy(tmp_path,
     assert s["final"]["decode_x"] == pytest.approx(
         s["final"]["decode_tps"] / s["dense"]["decode_tps"], rel=1e-3
     )
-    assert s["setup"]["decode_tokens"] == 4 and s["setup"]["device"] == "cpu"
+    assert s["setup"]["decode_tokens"] == 4 and s["setup"]["device"] == results["device"]
     assert results["time_s"]["speed"] > 0

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from sppx.adapters.base import Adapter
 from sppx.anatomy import family_of, prunable_linears
-from sppx.checks import check_paths, check_trainer
+from sppx.checks import check_paths, check_trainer, resolve_device
 from sppx.contracts import ModelSource, Teacher
 from sppx.data import Corpus
 from sppx.errors import ConfigError, check_annotated_types, is_int, require, require_fraction
@@ -47,6 +47,7 @@ TOP_LEVEL_KEYS = (
     "tune",
     "eval",
     "seed",
+    "device",
     "sparsity",
     "export",
     "resume",
@@ -81,6 +82,7 @@ class Plan:
     command: str | None = None  # the command line that reproduces the run, when known
     resume_from: Path | None = None  # the checkpoint tuning continues from (resume=...)
     resume_step: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model lives
 
     @property
     def target_sparsity(self) -> float:
@@ -279,6 +281,7 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         cfg=cfg,
         tags=[str(t) for t in cfg.get("tags") or []],
         command=command_line(overrides),
+        device=resolve_device(cfg.get("device", "auto"), cfg.trainer),
     )
     p.model_config = p.model.model_config()
     use_family_targets(p)

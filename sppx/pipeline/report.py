@@ -59,6 +59,7 @@ def complete_results(state: RunState, report: dict, before_merge: float) -> dict
     return {
         "status": "complete",
         "command": p.command,
+        "device": str(p.device),
         "tags": list(p.tags),
         "sppx": sppx_provenance(),
         "ppl": {

@@ -64,7 +64,8 @@ class Stage:
 
 # --------------------------------------------------------------------------- load
 class Load(Stage):
-    """Start the logger, read the model, tokenizer and corpus, cut the evaluation windows."""
+    """Start the logger, read the model (onto ``device``), tokenizer and corpus, cut the evaluation
+    windows."""
 
     name = "load"
     all_processes = True
@@ -89,6 +90,7 @@ class Load(Stage):
                 raise RunError(
                     f"the model {p.model.name} could not be loaded: {first_line(err, None)}"
                 ) from None
+            state.model.to(p.device)
             state.tokens = TokenizedCorpus.build(p.corpus, state.tokenizer, p.cache_dir)
         sizes = state.tokens.sizes()
         log.info("Loaded %s; corpus %s tokens per part: %s", p.model.name, p.corpus.name, sizes)
@@ -370,6 +372,7 @@ class Tune(Stage):
             info = tune(
                 p, model, state.tokenizer, state.tokens, state.logger, state.recovery_teacher, state.guard
             )
+        model.to(p.device)  # Lightning's teardown leaves the module on the CPU
         if not state.leader:
             return
         info.update(

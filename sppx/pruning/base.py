@@ -9,30 +9,12 @@ import torch
 from torch import nn
 
 from sppx.anatomy import PROJECTIONS
-from sppx.errors import ConfigError, is_number, require, require_positive_int
+from sppx.checks import check_device
+from sppx.errors import is_number, require, require_positive_int
 from sppx.pruning.masks import SparsityPattern
 
 ALLOCATIONS = ("uniform", "owl")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}  # besides null: the weights' own dtype
-
-
-def check_device(key: str, device) -> None:
-    """``null`` or a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(key, device, "must be null or a torch device such as cuda, cuda:1, cpu") from None
-    require(parsed.type in ("cpu", "cuda"), key, device, "must be null, cpu, cuda or cuda:<index>")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count()
-        require(
-            count > 0 and (parsed.index or 0) < count,
-            key,
-            device,
-            f"this machine has {count} CUDA device(s); use null (where the model is) or cpu",
-        )
 
 
 @dataclass
