@@ -89,6 +89,14 @@ def tiny_run_overrides(text_file: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def structured_overrides(text_file, neuron_multiple: bool = True, **extra) -> list[str]:
+    """A tiny structured run: 4 layers, LoRA recovery (shortgpt has no neuron_multiple)."""
+    values = {"pattern": "structured", "model.num_hidden_layers": 4, "adapter": "lora", **extra}
+    if neuron_multiple:
+        values["pruner.neuron_multiple"] = 8
+    return tiny_run_overrides(text_file, **values)
+
+
 def run_py(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` from the project root, its output captured (``env``: the process's whole
     environment, when given)."""

@@ -14,7 +14,8 @@ from sppx.models import load_pretrained
 from sppx.pipeline import run
 from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.semi_structured import is_2_4
-from tests.conftest import compose_config, tiny_run_overrides
+from sppx.pruning.structured.comp import condition_block_scores, condition_scores
+from tests.conftest import compose_config, structured_overrides, tiny_run_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -101,3 +102,24 @@ def test_a_2_4_run_on_the_gpu_stays_there_and_times_the_sparse_kernels(tmp_path,
     for name in results["sparsity"]["per_module"]:
         assert is_2_4(reloaded.get_submodule(name).weight), name
 
+
+@needs_cuda
+def test_comp_scores_a_gpu_weight_against_its_statistics_on_the_cpu():
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 32), torch.randn(64, 32)
+    gram = (x.T @ x).double()  # the statistics are accumulated on the CPU in float64
+    torch.testing.assert_close(
+        condition_scores(weight.cuda(), gram, 0.01), condition_scores(weight, gram, 0.01)
+    )
+    torch.testing.assert_close(
+        condition_block_scores(weight.cuda(), gram, 0.01, 8), condition_block_scores(weight, gram, 0.01, 8)
+    )
+
+
+@needs_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["comp", "flap", "llm_pruner"])
+def test_structured_pruners_run_with_the_model_on_the_gpu(tmp_path, text_file, pruner):
+    results = run(compose_config(structured_overrides(text_file, pruner=pruner, sparsity=0.3), tmp_path))
+    assert results["device"] == "cuda:0" and results["sparsity"]["pattern"] == "structured"
+    assert abs(results["sparsity"]["measured"] - 0.3) <= 0.05

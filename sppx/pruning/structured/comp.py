@@ -52,15 +52,16 @@ def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def condition_scores(weight: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Per input column j: ||W[:, j]||^2 / [G^-1]_jj."""
+    """Per input column j: ||W[:, j]||^2 / [G^-1]_jj (on the Gram matrix's device: the CPU)."""
     inv = damped_inverse(gram, damp)
-    return weight.double().pow(2).sum(dim=0) / torch.diagonal(inv)
+    return weight.detach().double().to(inv.device).pow(2).sum(dim=0) / torch.diagonal(inv)
 
 
 def condition_block_scores(weight: torch.Tensor, gram: torch.Tensor, damp: float, block: int) -> torch.Tensor:
-    """Per block of ``block`` consecutive input columns B: tr(W_B ([G^-1]_BB)^-1 W_B^T)."""
+    """Per block of ``block`` consecutive input columns B: tr(W_B ([G^-1]_BB)^-1 W_B^T) (on the Gram
+    matrix's device: the CPU)."""
     inv = damped_inverse(gram, damp)
-    w = weight.double()
+    w = weight.detach().double().to(inv.device)
     scores = []
     for b in range(w.shape[1] // block):
         cols = slice(b * block, (b + 1) * block)

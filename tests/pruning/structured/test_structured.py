@@ -34,7 +34,7 @@ from sppx.pruning.structured.comp import (
     refit_columns,
 )
 from sppx.pruning.structured.units import Budget, add_bias, complete_biases
-from tests.conftest import compose_config, tiny_run_overrides
+from tests.conftest import compose_config, structured_overrides
 
 
 def tiny_model(layers: int = 4, heads: int = 6, kv_heads: int = 2, seed: int = 0):
@@ -344,14 +344,6 @@ def test_flap_bias_compensation_keeps_the_mean_output():
 
 
 # --------------------------------------------------------------------------- the pipeline
-def structured_overrides(text_file, neuron_multiple: bool = True, **extra) -> list[str]:
-    """A tiny structured run: 4 layers, LoRA recovery (shortgpt has no neuron_multiple)."""
-    values = {"pattern": "structured", "model.num_hidden_layers": 4, "adapter": "lora", **extra}
-    if neuron_multiple:
-        values["pruner.neuron_multiple"] = 8
-    return tiny_run_overrides(text_file, **values)
-
-
 @pytest.mark.slow
 def test_comp_run_exports_a_smaller_model_that_reloads(tmp_path, text_file):
     cfg = compose_config(structured_overrides(text_file, pruner="comp", sparsity=0.3), tmp_path)
