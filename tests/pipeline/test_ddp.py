@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ddp_overrides(text_file) -> list[str]:
-    # Without dropout: its masks are drawn in each process, so they differ from one process's masks.
+    # Without dropout: its masks are drawn in each process, so they differ from one process's masks. On
+    # the CPU, also on a machine with a GPU: the two runs compared must share their kernels.
     return tiny_run_overrides(
-        text_file, **{"trainer.max_steps": 3, "adapter.dropout": 0, "data.batch_size": 4}
+        text_file,
+        **{"trainer.max_steps": 3, "adapter.dropout": 0, "data.batch_size": 4, "trainer.accelerator": "cpu"},
     )
 
 
@@ -30,7 +32,6 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file)
         *ddp_overrides(text_file),
         "trainer=ddp",
         "trainer.devices=2",
-        "trainer.accelerator=cpu",
         f"hydra.run.dir={two_dir}",
         f"paths.cache_dir={tmp_path / 'one' / 'cache'}",
     )
@@ -58,7 +59,10 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, text_file)
 
 
 def test_the_global_batch_must_divide_among_the_processes(tmp_path, text_file):
-    overrides = [*tiny_run_overrides(text_file, **{"data.batch_size": 3}), "trainer=ddp"]
+    overrides = [
+        *tiny_run_overrides(text_file, **{"data.batch_size": 3, "trainer.accelerator": "cpu"}),
+        "trainer=ddp",
+    ]
     with pytest.raises(ConfigError, match=r"^data\.batch_size=3: is the global batch: it must divide among"):
         plan(compose_config(overrides, tmp_path))
 
