@@ -154,8 +154,8 @@ def single_process(trainer: DictConfig) -> bool:
 
 def resolve_device(device, trainer: DictConfig) -> torch.device:
     """Where the model lives between stages (``device``). ``auto``: the first CUDA GPU when this machine
-    has one and tuning may use it in one process (``trainer.accelerator`` auto, gpu or cuda; ``trainer.devices``
-    1), else the CPU."""
+    has one and tuning may use it in one process (``trainer.accelerator`` auto, gpu or cuda;
+    ``trainer.devices`` 1), else the CPU."""
     require(device is not None, "device", device, "must be auto, cpu, cuda or cuda:<index>")
     check_device("device", device, unset="auto")
     if device != "auto":

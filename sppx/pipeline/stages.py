@@ -482,7 +482,10 @@ def semi_structured_copy(p: Plan, model):
     from sppx.pruning.semi_structured import semi_structured_model
 
     try:
-        return semi_structured_model(model, p.pruner.targets)
+        twin = semi_structured_model(model, p.pruner.targets)
+        with torch.inference_mode():  # a kernel that refuses this GPU fails at its first product
+            twin(input_ids=torch.zeros((1, 8), dtype=torch.long, device=twin.device), use_cache=False)
+        return twin
     except (RuntimeError, ValueError) as err:  # no kernel for this GPU or shape: report, keep going
         log.warning("2:4 sparse kernels not timed: %s", first_line(err, None))
         return None
