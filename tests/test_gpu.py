@@ -120,6 +120,7 @@ def test_comp_scores_a_gpu_weight_against_its_statistics_on_the_cpu():
 @pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["comp", "flap", "llm_pruner"])
 def test_structured_pruners_run_with_the_model_on_the_gpu(tmp_path, text_file, pruner):
-    results = run(compose_config(structured_overrides(text_file, pruner=pruner, sparsity=0.3), tmp_path))
+    overrides = structured_overrides(text_file, pruner=pruner, sparsity=0.25)
+    results = run(compose_config(overrides, tmp_path), progress=False)
     assert results["device"] == "cuda:0" and results["sparsity"]["pattern"] == "structured"
-    assert abs(results["sparsity"]["measured"] - 0.3) <= 0.05
+    assert abs(results["sparsity"]["measured"] - 0.25) <= 0.02  # on the CPU: 0.25, 0.25, 0.240
