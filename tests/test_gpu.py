@@ -116,11 +116,11 @@ def test_comp_scores_a_gpu_weight_against_its_statistics_on_the_cpu():
     )
 
 
-@needs_cuda
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("pruner", ["comp", "flap", "llm_pruner"])
-def test_structured_pruners_run_with_the_model_on_the_gpu(tmp_path, text_file, pruner):
-    overrides = structured_overrides(text_file, pruner=pruner, sparsity=0.25)
+def test_structured_pruners_run_where_the_model_lives(tmp_path, text_file, pruner, device):
+    overrides = [*structured_overrides(text_file, pruner=pruner, sparsity=0.25), f"device={device}"]
     results = run(compose_config(overrides, tmp_path), progress=False)
-    assert results["device"] == "cuda:0" and results["sparsity"]["pattern"] == "structured"
+    assert results["device"] == device and results["sparsity"]["pattern"] == "structured"
     assert abs(results["sparsity"]["measured"] - 0.25) <= 0.02  # on the CPU: 0.25, 0.25, 0.240
