@@ -3,6 +3,7 @@ run's paths: each failure is one ConfigError line, before any weights are read."
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from sppx.errors import ConfigError, is_int, is_number, require
+
+log = logging.getLogger(__name__)
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -155,7 +158,7 @@ def single_process(trainer: DictConfig) -> bool:
 def resolve_device(device, trainer: DictConfig) -> torch.device:
     """Where the model lives between stages (``device``). ``auto``: the first CUDA GPU when this machine
     has one and tuning may use it in one process (``trainer.accelerator`` auto, gpu or cuda;
-    ``trainer.devices`` 1), else the CPU."""
+    ``trainer.devices`` 1), else the CPU (and :func:`fit_device` checks the weights fit)."""
     require(device is not None, "device", device, "must be auto, cpu, cuda or cuda:<index>")
     check_device("device", device, unset="auto")
     if device != "auto":
@@ -171,3 +174,28 @@ def resolve_device(device, trainer: DictConfig) -> torch.device:
     accelerator = trainer.get("accelerator", "auto")
     on_gpu = accelerator in ("auto", "gpu", "cuda") and single_process(trainer) and torch.cuda.is_available()
     return torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+
+
+def fit_device(device: torch.device, requested, weight_bytes: int) -> torch.device:
+    """``device`` when the model's weights fit in its free memory (a CPU always does). Too large for the
+    GPU: ``device=auto`` keeps the model on the CPU, an explicit GPU is refused in one line."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    if weight_bytes <= free:
+        return device
+    require(
+        requested == "auto",
+        "device",
+        requested,
+        f"the model's weights take {weight_bytes / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB "
+        "free; use device=cpu (with pruner.device=cuda the pruning still runs on the GPU, a block at a time)",
+    )
+    log.warning(
+        "device=auto: the model's weights (%.1f GiB) exceed the free memory of %s (%.1f GiB); it stays on "
+        "the CPU",
+        weight_bytes / 2**30,
+        device,
+        free / 2**30,
+    )
+    return torch.device("cpu")

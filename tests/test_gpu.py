@@ -8,10 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sppx.checks import resolve_device
+from sppx.checks import fit_device, resolve_device
 from sppx.errors import ConfigError
 from sppx.models import load_pretrained
-from sppx.pipeline import run
+from sppx.pipeline import plan, run
+from sppx.pipeline.planning import weight_bytes
 from sppx.pruning import MagnitudePruner, SparseGPTPruner, SparsityPattern, WandaPruner, prune_model
 from sppx.pruning.semi_structured import is_2_4
 from sppx.pruning.structured.comp import condition_block_scores, condition_scores
@@ -49,6 +50,28 @@ def test_a_device_the_run_cannot_use_is_refused_in_one_line(monkeypatch):
             resolve_device(value, trainer())
     with pytest.raises(ConfigError, match=r"^device='cuda': cannot hold the model for trainer.devices=2"):
         resolve_device("cuda", trainer(devices=2))
+
+
+def test_a_model_too_large_for_the_gpu_stays_on_the_cpu_under_auto_and_is_refused_on_cuda(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    gpu = torch.device("cuda", 0)
+    assert fit_device(gpu, "auto", 3 * 2**30) == gpu
+    assert fit_device(gpu, "auto", 3 * 2**30 + 1) == torch.device("cpu")
+    assert "exceed the free memory of cuda:0 (3.0 GiB); it stays on the CPU" in caplog.text
+    with pytest.raises(
+        ConfigError, match=r"^device='cuda': the model's weights take 4\.0 GiB and cuda:0 has 3\.0 GiB"
+    ):
+        fit_device(gpu, "cuda", 4 * 2**30)
+    assert fit_device(torch.device("cpu"), "cpu", 2**50) == torch.device("cpu")
+
+
+def test_the_weights_are_counted_from_the_config_alone_tied_ones_once(tmp_path):
+    p = plan(compose_config(["model=tiny-llama", "model.dtype=bfloat16"], tmp_path))
+    model, _ = p.model.load()
+    assert model.config.tie_word_embeddings
+    assert weight_bytes(p) == sum(t.numel() for t in model.parameters()) * 2
 
 
 def test_the_run_records_where_the_model_lived(tmp_path, text_file):

@@ -26,13 +26,13 @@ from transformers import AutoModelForCausalLM
 
 from sppx.adapters.base import Adapter
 from sppx.anatomy import family_of, prunable_linears
-from sppx.checks import check_paths, check_trainer, resolve_device
+from sppx.checks import check_paths, check_trainer, fit_device, resolve_device
 from sppx.contracts import ModelSource, Teacher
 from sppx.data import Corpus
 from sppx.errors import ConfigError, check_annotated_types, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig
 from sppx.export import ExportConfig
-from sppx.models import default_cache_dir
+from sppx.models import default_cache_dir, torch_dtype
 from sppx.module import TuneConfig
 from sppx.pruning import NoPruner, Pruner, SparsityPattern
 from sppx.pruning.structured import StructuredPruner
@@ -284,8 +284,18 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         device=resolve_device(cfg.get("device", "auto"), cfg.trainer),
     )
     p.model_config = p.model.model_config()
+    if p.device.type == "cuda":
+        p.device = fit_device(p.device, cfg.get("device", "auto"), weight_bytes(p))
     use_family_targets(p)
     return p
+
+
+def weight_bytes(p: Plan) -> int:
+    """Bytes of the model's weights in its dtype, from its config alone (a meta-device skeleton)."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(p.model_config)
+    itemsize = torch_dtype(getattr(p.model, "dtype", "float32")).itemsize
+    return sum(t.numel() for t in skeleton.parameters()) * itemsize
 
 
 def use_family_targets(p: Plan) -> None:
