@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 from pathlib import Path
 
@@ -104,6 +105,31 @@ def time_shape(shape: tuple[int, int], tokens: int, dtype: torch.dtype, repeats:
     }
 
 
+def measure_row(
+    family: str, dtype_name: str, label: str, shape: tuple[int, int], tokens: int, repeats: int, inner: int
+) -> dict:
+    """One CSV row: the dense time, and each sparse kernel's time, ratio and error (or why it failed)."""
+    result = time_shape(shape, tokens, getattr(torch, dtype_name), repeats, inner)
+    ms = result["ms"]
+    row = {
+        "family": family,
+        "dtype": dtype_name,
+        "linear": label,
+        "out": shape[0],
+        "in": shape[1],
+        "tokens": tokens,
+        "dense_ms": round(ms["dense"], 5),
+    }
+    for kernel in KERNELS[1:]:
+        ran = kernel in ms
+        row[f"{kernel}_ms"] = round(ms[kernel], 5) if ran else None
+        row[f"{kernel}_x"] = round(ms[kernel] / ms["dense"], 3) if ran else None
+        row[f"{kernel}_rel_error"] = (
+            f"{result['rel_error'][kernel]:.1e}" if ran else result["failures"][kernel]
+        )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,39 +150,17 @@ def main() -> None:
     console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_file = open(args.out / "semi_structured.csv", "w", newline="")  # noqa: SIM115 (rows written as measured)
-    writer = None
-    for family in args.families:
-        for dtype_name in args.dtypes:
-            dtype = getattr(torch, dtype_name)
-            for label, shape in SHAPES[family].items():
-                for tokens in args.tokens:
-                    result = time_shape(shape, tokens, dtype, args.repeats, args.inner)
-                    ms = result["ms"]
-                    row = {
-                        "family": family,
-                        "dtype": dtype_name,
-                        "linear": label,
-                        "out": shape[0],
-                        "in": shape[1],
-                        "tokens": tokens,
-                        "dense_ms": round(ms["dense"], 5),
-                    }
-                    for kernel in KERNELS[1:]:
-                        row[f"{kernel}_ms"] = round(ms[kernel], 5) if kernel in ms else None
-                        row[f"{kernel}_x"] = round(ms[kernel] / ms["dense"], 3) if kernel in ms else None
-                        row[f"{kernel}_rel_error"] = (
-                            f"{result['rel_error'][kernel]:.1e}"
-                            if kernel in ms
-                            else result["failures"][kernel]
-                        )
-                    rows.append(row)
-                    if writer is None:
-                        writer = csv.DictWriter(csv_file, fieldnames=list(row))
-                        writer.writeheader()
-                    writer.writerow(row)
-                    csv_file.flush()
-    csv_file.close()
+    with open(args.out / "semi_structured.csv", "w", newline="") as csv_file:  # rows written as measured
+        writer = None
+        for family, dtype_name in itertools.product(args.families, args.dtypes):
+            for (label, shape), tokens in itertools.product(SHAPES[family].items(), args.tokens):
+                row = measure_row(family, dtype_name, label, shape, tokens, args.repeats, args.inner)
+                rows.append(row)
+                if writer is None:
+                    writer = csv.DictWriter(csv_file, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+                csv_file.flush()
     table = Table(title="2:4 semi-structured / dense time per product (below 1: sparse is faster)")
     for column in (
         "family",

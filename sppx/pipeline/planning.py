@@ -255,6 +255,7 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
     if cfg.tune.get("lr") is None and cfg.adapter.get("lr") is not None:
         cfg.tune.lr = cfg.adapter.lr  # each adapter tunes at its own recipe's lr unless tune.lr is set
     quiet_lightning()
+    requested_device = cfg.get("device", "auto")
     # Lightning validates its arguments (types, precision, accelerator) when a Trainer is built: cheap.
     build(
         cfg.trainer,
@@ -281,21 +282,19 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         cfg=cfg,
         tags=[str(t) for t in cfg.get("tags") or []],
         command=command_line(overrides),
-        device=resolve_device(cfg.get("device", "auto"), cfg.trainer),
+        device=resolve_device(requested_device, cfg.trainer),
     )
     p.model_config = p.model.model_config()
     if p.device.type == "cuda":
-        p.device = fit_device(p.device, cfg.get("device", "auto"), weight_bytes(p))
+        p.device = fit_device(p.device, requested_device, weight_bytes(p))
     use_family_targets(p)
     return p
 
 
 def weight_bytes(p: Plan) -> int:
     """Bytes of the model's weights in its dtype, from its config alone (a meta-device skeleton)."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(p.model_config)
     itemsize = torch_dtype(getattr(p.model, "dtype", "float32")).itemsize
-    return sum(t.numel() for t in skeleton.parameters()) * itemsize
+    return sum(t.numel() for t in meta_skeleton(p.model_config).parameters()) * itemsize
 
 
 def use_family_targets(p: Plan) -> None:
@@ -358,9 +357,14 @@ def check_nesting(p: Plan) -> None:
 
 def linear_shapes(model_config, targets: list[str]) -> dict[str, tuple[int, int]]:
     """``{name: (out, in)}`` of the targeted Linears, from a weightless (meta-device) model."""
+    linears = prunable_linears(meta_skeleton(model_config), targets)
+    return {name: tuple(lin.weight.shape) for name, lin in linears.items()}
+
+
+def meta_skeleton(model_config):
+    """The model ``model_config`` describes, on the meta device: its shapes without any weights."""
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    return {name: tuple(lin.weight.shape) for name, lin in prunable_linears(skeleton, targets).items()}
+        return AutoModelForCausalLM.from_config(model_config)
 
 
 def check_context(key: str, value: int, p: Plan) -> None:
