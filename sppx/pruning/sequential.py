@@ -334,6 +334,13 @@ def run_blocks(
     activations live there: only one block's weights are on that device at a time, so a model larger
     than (GPU) memory is pruned with the model itself kept in (CPU) memory.
 
+    Each batch's outputs are written over its inputs (the caller's hidden-state tensors, unless
+    ``device`` copied them: hand over ones that are not needed afterwards), so the only long-lived
+    activations stay where they were allocated, before the first block. Were each block's outputs new
+    tensors, they would be allocated among the forward's temporaries and live on through the next
+    block, splitting the heap's free memory into pieces the next temporaries do not fit (SmolLM2-135M,
+    Wanda: peak +184-196 MiB with new tensors, +152-164 MiB written in place, the same time).
+
     Every pass allocates and frees the same temporaries batch after batch: kept in the C heap, they are
     reused instead of coming on fresh pages each time (SmolLM2-135M, Wanda: 2.4 million page faults
     fewer, see heap_reused). That holds while a visit leaves nothing small and long-lived among them
@@ -354,9 +361,8 @@ def run_blocks(
             hand_back()
             if i < last:  # the last block's outputs feed nothing
                 with watch("block outputs"):
-                    for b, (hidden, kwargs) in enumerate(inputs):  # a batch's inputs go as its outputs come
-                        inputs[b] = (run_block(block, hidden, kwargs, compute_dtype), kwargs)
-                        del hidden
+                    for hidden, kwargs in inputs:  # a batch's outputs are written over its inputs
+                        hidden.copy_(run_block(block, hidden, kwargs, compute_dtype))
                 hand_back()
             if after is not None:
                 after(i)
@@ -493,7 +499,7 @@ def prune_model(
         captured = [capture_block_inputs(model, calibration, pruner.batch_size)]
     run_blocks(
         layers,
-        captured.pop(),  # no reference kept here: the first block's inputs go as its outputs come
+        captured.pop(),  # no reference kept here: the walk writes each block's outputs over them
         recorder.prune_block,
         progress,
         f"prune ({pruner.name})",

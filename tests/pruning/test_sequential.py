@@ -227,22 +227,35 @@ def test_a_compute_device_holds_one_block_at_a_time_and_gives_the_same_masks(tin
         WandaPruner(device="gpu0")
 
 
-def test_run_blocks_leaves_the_callers_inputs_alone_and_feeds_each_block_the_last_outputs(tiny):
-    """Each batch's inputs are replaced by its outputs as they come (one set alive), on a copy of the list."""
+def test_run_blocks_writes_each_blocks_outputs_over_its_inputs_and_feeds_them_to_the_next_block(tiny):
+    """Each batch's outputs are written over its input tensor (no new long-lived tensors): every block
+    sees the same storage, block 0 the captured states, block 1 exactly block 0's outputs; the last
+    block's outputs are not computed, so the caller's tensors end holding the last block's inputs."""
     model, _ = tiny
     torch.manual_seed(0)
     inputs = capture_block_inputs(model, torch.randint(0, 256, (6, 16)), 4)
     original = [hidden for hidden, _ in inputs]
     layers = decoder_layers(model)
-    seen = []
     with torch.no_grad():
-        run_blocks(layers, inputs, lambda i, block, batch: seen.append([h for h, _ in batch]), False, "t")
+        captured = [h.clone() for h in original]
         expected = [run_block(layers[0], h, kw) for h, kw in inputs]
+    seen = []
+
+    def visit(i, block, batch):
+        assert all(h is o for (h, _), o in zip(batch, original, strict=True))
+        seen.append([h.clone() for h, _ in batch])
+
+    with torch.no_grad():
+        run_blocks(layers, inputs, visit, False, "t")
+    assert len(seen) == len(layers)
     assert all(h is o for (h, _), o in zip(inputs, original, strict=True))
-    assert all(h is o for h, o in zip(seen[0], original, strict=True))
+    for h, c in zip(seen[0], captured, strict=True):
+        torch.testing.assert_close(h, c, rtol=0, atol=0)
     for h, e in zip(seen[1], expected, strict=True):
         torch.testing.assert_close(h, e, rtol=0, atol=0)
-    assert len(seen) == len(layers)
+    for h, last in zip(original, seen[-1], strict=True):
+        torch.testing.assert_close(h, last, rtol=0, atol=0)
+    assert not torch.equal(seen[0][0], seen[1][0])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap settings are glibc's")
