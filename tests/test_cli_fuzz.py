@@ -129,6 +129,8 @@ LATER = [
     ["device=meta"],
     ["device=null"],
     ["device=cuda:99"],
+    ["cpu_linear=fast"],
+    ["cpu_linear=null"],
     ["pruner=sparsegpt", "pruner.percdamp=inf"],
     ["logger.save_dir=/proc/x"],
     ["logger.version=../../x"],

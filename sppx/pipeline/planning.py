@@ -28,6 +28,7 @@ from sppx.adapters.base import Adapter
 from sppx.anatomy import family_of, prunable_linears
 from sppx.checks import check_paths, check_trainer, fit_device, resolve_device
 from sppx.contracts import ModelSource, Teacher
+from sppx.cpu_linear import KERNELS
 from sppx.data import Corpus
 from sppx.errors import ConfigError, check_annotated_types, is_int, require, require_fraction
 from sppx.evaluate import EvalConfig
@@ -48,6 +49,7 @@ TOP_LEVEL_KEYS = (
     "eval",
     "seed",
     "device",
+    "cpu_linear",
     "sparsity",
     "export",
     "resume",
@@ -83,6 +85,7 @@ class Plan:
     resume_from: Path | None = None  # the checkpoint tuning continues from (resume=...)
     resume_step: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model lives
+    cpu_linear: str = "auto"  # the fp32 product kernel of pruning's calibration forwards on the CPU
 
     @property
     def target_sparsity(self) -> float:
@@ -228,6 +231,8 @@ def check_top_level(cfg: DictConfig) -> None:
         tags,
         "must be a list of words of 1 to 64 characters, e.g. tags=[baseline,wanda]",
     )
+    kernel = cfg.get("cpu_linear", "auto")
+    require(kernel in KERNELS, "cpu_linear", kernel, f"allowed: {', '.join(KERNELS)}")
     metric = cfg.get("optimized_metric", "val/ppl_final")
     require(
         metric in OPTIMIZED_METRICS, "optimized_metric", metric, f"allowed: {', '.join(OPTIMIZED_METRICS)}"
@@ -283,6 +288,7 @@ def build_plan(cfg: DictConfig, overrides: list[str] | None) -> Plan:
         tags=[str(t) for t in cfg.get("tags") or []],
         command=command_line(overrides),
         device=resolve_device(requested_device, cfg.trainer),
+        cpu_linear=cfg.get("cpu_linear", "auto"),
     )
     p.model_config = p.model.model_config()
     if p.device.type == "cuda":

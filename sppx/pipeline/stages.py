@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from sppx.adapters.lora import LoRAAdapter
 from sppx.anatomy import Dims, family_of, prunable_linears
 from sppx.card import model_card
+from sppx.cpu_linear import chosen_kernel, linear_kernel
 from sppx.data import TokenizedCorpus, calibration_windows, consecutive_windows, windows_digest
 from sppx.errors import ConfigError, RunError, first_line, is_int, require
 from sppx.evaluate import perplexity
@@ -214,8 +215,9 @@ class Prune(Stage):
             calib = calibration(state)
             phases = Stopwatch()
             method = prune_structured if p.structured else prune_one_shot
-            with state.watch("prune"), PeakMemory() as peak:
+            with state.watch("prune"), PeakMemory() as peak, linear_kernel(p.cpu_linear):
                 method(state, calib, phases, keeper, info)
+                info["cpu_linear"] = chosen_kernel() if calibrates_on_cpu(p) else None
             info.update(
                 structure=state.structure.info if state.structure else None,
                 phases_s={k: round(v, 3) for k, v in phases.times.items()},
@@ -233,6 +235,12 @@ class Prune(Stage):
             )  # the target masks (shared with the modules, not copied)
         release_freed_memory()
         state.sections["prune"] = info
+
+
+def calibrates_on_cpu(p: Plan) -> bool:
+    """Whether pruning's forwards run on the CPU (the model is there and the pruner moves no block)."""
+    block_device = getattr(p.pruner, "device", None)
+    return torch.device(block_device or p.device).type == "cpu"
 
 
 def warn_ignored_sparsity(p: Plan) -> None:

@@ -58,7 +58,7 @@ def block_outlier_ratios(
 ) -> tuple[list[float], list[int]]:
     """OWL's outlier ratio of every decoder block of the dense model, and its prunable weight count.
     One pass: each block's input norms are collected while it computes the next block's inputs (in
-    ``compute_dtype``, see :func:`~sppx.pruning.sequential.forward_precision`)."""
+    ``compute_dtype``, see :func:`~sppx.pruning.sequential.calibration_forward`)."""
     targets = resolve_targets(model, targets)
     counter = _Norms(targets=targets, batch_size=batch_size)
     ratios: list[float] = []

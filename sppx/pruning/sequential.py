@@ -29,6 +29,7 @@ from sppx.anatomy import (
     resolve_targets,
     sequential_groups,
 )
+from sppx.cpu_linear import onednn_linears
 from sppx.masking import DenseKeeper
 from sppx.profiling import Stopwatch, heap_reused, release_freed_memory
 from sppx.progress import bar
@@ -109,12 +110,13 @@ class _StatsHooks:
         return pre_hook
 
 
-def forward_precision(block: nn.Module, compute_dtype: torch.dtype | None):
-    """Where a calibration forward of ``block`` runs: in its weights' own dtype (``compute_dtype`` None),
+def calibration_forward(block: nn.Module, compute_dtype: torch.dtype | None):
+    """How a calibration forward of ``block`` runs: in its weights' own dtype (``compute_dtype`` None; on
+    the CPU, fp32 Linears multiply through the kernel ``cpu_linear`` picks, see :mod:`sppx.cpu_linear`),
     or with its matrix products and attention in ``compute_dtype`` under autocast (weights, the hidden
     states between blocks and every statistic stay as they are)."""
     if compute_dtype is None:
-        return contextlib.nullcontext()
+        return onednn_linears(block)
     return torch.autocast(next(block.parameters()).device.type, dtype=compute_dtype)
 
 
@@ -159,7 +161,7 @@ def collect_stats(
     end and its outputs are appended, paired with the keyword arguments), the forward is cut short as
     soon as the last needed input has arrived: measuring q..down of a Llama block skips the down
     projection. Linears fed the very same tensor (q, k, v; gate, up) share one accumulator, so a
-    Hessian is built once per distinct input. ``compute_dtype``: see :func:`forward_precision`.
+    Hessian is built once per distinct input. ``compute_dtype``: see :func:`calibration_forward`.
     """
     state = _StatsHooks(linears, pruner, stop_early=outputs is None)
     hooks = [lin.register_forward_pre_hook(state.hook(name)) for name, lin in linears.items()]
@@ -167,7 +169,7 @@ def collect_stats(
         for hidden, kwargs in inputs:
             state.start_batch()
             try:
-                with forward_precision(block, compute_dtype):
+                with calibration_forward(block, compute_dtype):
                     out = block_output(block(hidden, **kwargs_for(block, kwargs)))
             except _StopBlock:
                 pass
@@ -214,8 +216,8 @@ def run_block(
     block: nn.Module, hidden: torch.Tensor, kwargs: dict, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The hidden states ``block`` outputs for ``hidden`` (called with its own keyword arguments), in
-    ``hidden``'s dtype; ``compute_dtype``: see :func:`forward_precision`."""
-    with forward_precision(block, compute_dtype):
+    ``hidden``'s dtype; ``compute_dtype``: see :func:`calibration_forward`."""
+    with calibration_forward(block, compute_dtype):
         out = block_output(block(hidden, **kwargs_for(block, kwargs)))
     return out.to(hidden.dtype)
 
@@ -347,7 +349,7 @@ def run_blocks(
     (the pruning engine reserves its masks' memory up front): such blocks pin the freed memory around
     them and the heap grows. A visit that does keep such results passes ``hand_back_each_block``: the
     freed heap then goes back to the system after the visit and after the outputs of every block.
-    ``compute_dtype``: the precision of the output passes, see :func:`forward_precision`."""
+    ``compute_dtype``: the precision of the output passes, see :func:`calibration_forward`."""
     watch = watch or Stopwatch()
     last = len(layers) - 1
     inputs = to_device(inputs, torch.device(device)) if device is not None else list(inputs)
