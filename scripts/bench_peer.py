@@ -34,6 +34,10 @@ Settings matched (peer code: llmcompressor 0.14.0.1):
   kernel that never holds the (batch, heads, seq, seq) scores. ``--sppx-attention eager`` gives both
   the same kernels (then the masks differ by the two transformers versions' rounding only). The
   evaluation here uses the model's default attention for every row alike.
+- Matrix products: the peer's Linears run ``F.linear`` (MKL in torch's x86 wheels); sppx's calibration
+  forwards take the kernel of its ``cpu_linear`` setting, by default (auto) oneDNN where MKL runs on a
+  CPU that is not Intel's (about twice as fast there; the same fp32 arithmetic summed in another
+  order). ``--sppx-linear torch`` gives both the peer's kernel; the table's header says which ran.
 - Wanda: |W| x ||X_j||, compared within each output row; N:M along the input dimension in both.
 - SparseGPT: damping 0.01 x mean(diag H) after dead inputs get H_jj = 1 (sppx percdamp, the peer's
   dampening_frac; sgpt_sparsify.py sparsify_weight), 128 columns per block (blocksize / block_size),
@@ -120,6 +124,7 @@ from rich.markup import escape
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
+from sppx.cpu_linear import chosen_kernel, linear_kernel
 from sppx.data import TokenizedCorpus, WikiText, calibration_windows, consecutive_windows, windows_digest
 from sppx.evaluate import perplexity
 from sppx.models import EmbeddedModel, default_cache_dir
@@ -150,9 +155,10 @@ def sppx_prepare(model, ids: torch.Tensor, args):
     pruner.check_pattern(pattern, args.sparsity)
 
     def prune() -> dict:
-        layers = layer_sparsities(model, pruner, args.sparsity, ids, progress=False)
-        prune_model(model, pruner, layers, pattern, ids, progress=False)
-        return {"layer_sparsities": [float(v) for v in layers]}
+        with linear_kernel(args.cpu_linear):
+            layers = layer_sparsities(model, pruner, args.sparsity, ids, progress=False)
+            prune_model(model, pruner, layers, pattern, ids, progress=False)
+            return {"layer_sparsities": [float(v) for v in layers], "cpu_linear": chosen_kernel()}
 
     return prune
 
@@ -177,6 +183,12 @@ def parse_args() -> argparse.Namespace:
         choices=["sdpa", "eager"],
         default="sdpa",
         help="sppx's attention kernel (sdpa: the model's default, as run.py; eager: the peer's)",
+    )
+    parser.add_argument(
+        "--sppx-linear",
+        choices=["auto", "onednn", "torch"],
+        default="auto",
+        help="sppx's cpu_linear (auto: as run.py; torch: the peer's kernel, F.linear through MKL)",
     )
     parser.add_argument(
         "--precision",
@@ -250,6 +262,8 @@ def run_worker_process(
     command += ["--method", base, "--pattern", pattern, "--threads", str(args.threads)]
     command += ["--batch-size", str(args.batch_size), "--out", str(out), *(["--owl"] if owl else [])]
     command += ["--attention", args.sppx_attention if tool == "sppx" else "eager"]
+    if tool == "sppx":
+        command += ["--cpu-linear", args.sppx_linear]
     if args.precision == "bf16":
         command += ["--compute-dtype", "bfloat16"] if tool == "sppx" else ["--load-dtype", "bfloat16"]
     # The same environment for both: thread pools capped, offline (the model is a local folder).
@@ -392,6 +406,7 @@ FIELDS = {  # per-tool CSV field -> key of the worker record / evaluation
     "calibration": "calibration_seen",
     "rss_before_mib": "rss_before_mib",
     "untargeted_new_zeros": "untargeted_new_zeros",
+    "cpu_linear": "cpu_linear",
     "error": "error",
 }
 
@@ -410,6 +425,11 @@ def combine(method: str, pattern: str, records: dict[str, dict], dense_ppl: floa
     for name, field in (("ppl_ratio", "ppl"), ("time_ratio", "prune_s"), ("mem_ratio", "peak_mib")):
         row[name] = ratio(row[f"{field}_sppx"], row[f"{field}_peer"])
     return row
+
+
+def sppx_kernels(rows: list[dict]) -> str:
+    """The fp32 product kernel(s) sppx's workers used."""
+    return "/".join(sorted({row["cpu_linear_sppx"] for row in rows if row.get("cpu_linear_sppx")})) or "-"
 
 
 def cell(value, fmt: str) -> str:
@@ -561,7 +581,7 @@ def main() -> None:
     info = (
         f"SmolLM2-135M, calibration {args.nsamples}x{args.seqlen} (batch {args.batch_size}), evaluation "
         f"{evals.shape[0]}x{args.seqlen}, dense ppl {dense_ppl:.2f}, {args.threads} threads per worker, "
-        f"attention sppx {args.sppx_attention} / peer eager"
+        f"attention sppx {args.sppx_attention} / peer eager, fp32 products sppx {sppx_kernels(rows)} / peer torch"
         + (
             ", bf16 products (sppx autocast on fp32 weights, the peer's model in bf16)"
             if args.precision == "bf16"

@@ -75,6 +75,12 @@ def worker_args(argv: list[str] | None) -> argparse.Namespace:
         help="the dtype the model loads in",
     )
     parser.add_argument(
+        "--cpu-linear",
+        choices=["auto", "onednn", "torch"],
+        default="auto",
+        help="sppx's cpu_linear: the kernel of its fp32 calibration products (the peer ignores it)",
+    )
+    parser.add_argument(
         "--compute-dtype",
         choices=["bfloat16"],
         default=None,
