@@ -1,7 +1,7 @@
 """Which kernel multiplies fp32 matrices on the CPU in the calibration forwards: torch's default or oneDNN.
 
-PyTorch's x86 wheels route an fp32 ``F.linear`` to MKL, which runs its generic AVX2 code on CPUs that are
-not Intel's: on a 2-core AMD EPYC with AVX-512, a (2048 x 576) x (576 x 1536) product runs at 215
+PyTorch's x86 wheels route an fp32 ``F.linear`` to MKL, which does not take its fastest code on CPUs that
+are not Intel's: on a 2-core AMD EPYC with AVX-512, a (2048 x 576) x (576 x 1536) product runs at 215
 GFLOP/s through ``F.linear`` and at 466 GFLOP/s through oneDNN (``torch.ops.mkldnn._linear_pointwise``,
 the op torch.compile's CPU backend emits for a Linear). Both are IEEE fp32 arithmetic; the sums are only
 taken in another order (the last bits of the outputs differ, as between any two BLAS libraries).
@@ -83,7 +83,7 @@ def cpu_vendor() -> str:
     return ""
 
 
-def mkl_off_its_home() -> bool:
+def mkl_on_a_non_intel_cpu() -> bool:
     """torch multiplies fp32 matrices through MKL and this is an x86 CPU that is not Intel's."""
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("", "GenuineIntel")
 
@@ -95,7 +95,7 @@ def use_onednn() -> bool:
         if kernel == "onednn":
             warn_no_onednn()
         return False
-    return kernel == "onednn" or mkl_off_its_home()
+    return kernel == "onednn" or mkl_on_a_non_intel_cpu()
 
 
 @functools.cache
